@@ -1,0 +1,57 @@
+# eagle-grpc: the front door. `make help` lists the targets.
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 50051
+MODEL ?= tiny
+# The torch the server extra asks for when none is installed. The range admits
+# the CPU build that lies on this project's machines; an installed torch that
+# satisfies `torch>=2.4` (the server extra) is kept as it is.
+TORCH_SPEC ?= torch>=2.4,<2.14
+PROTO_SRC := protos/eagle/v1/chat.proto
+DEMO_DIR ?= .demo
+BENCH_OUT ?= bench/results
+
+.PHONY: help install protos serve demo test test-fast lint bench tiny-model clean
+
+help:
+	@echo "install     install the project with the server and dev extras"
+	@echo "protos      regenerate protos/eagle/v1/*_pb2*.py(i) from the .proto"
+	@echo "serve       run the server on $(HOST):$(PORT) with the embedded tiny model"
+	@echo "demo        make a sample image and video and call the running server"
+	@echo "test        run the test suite"
+	@echo "lint        ruff over the sources"
+	@echo "bench       run the benchmarks (table printed, JSON in $(BENCH_OUT))"
+	@echo "tiny-model  write the embedded random-weight model to its cache folder"
+
+install:
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -e ".[server,dev]"
+
+protos:
+	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos $(PROTO_SRC)
+
+tiny-model:
+	$(PYTHON) -m service.engine.tiny
+
+serve:
+	mkdir -p $(DEMO_DIR)/media
+	$(PYTHON) -m service --host $(HOST) --port $(PORT) --model $(MODEL) \
+		--media-root $(DEMO_DIR)/media
+
+demo:
+	$(PYTHON) -m client.demo --server $(HOST):$(PORT) --media-dir $(DEMO_DIR)/media
+
+test:
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+lint:
+	$(PYTHON) -m ruff check .
+
+bench:
+	mkdir -p $(BENCH_OUT)
+	$(PYTHON) -m bench --out $(BENCH_OUT)
+
+clean:
+	rm -rf $(DEMO_DIR) $(BENCH_OUT) build *.egg-info

@@ -1,0 +1,280 @@
+"""Video frame sampling and decoding (PyAV): segment-middle indices, seek-and-decode, limits."""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from preprocess.errors import MediaError
+
+log = logging.getLogger(__name__)
+
+# Demuxers we let FFmpeg use, chosen by magic bytes, never by FFmpeg's probe: a probe can
+# pick the HLS or concat demuxers, which open further URLs named inside the file.
+_CONTAINERS = {"mov": "MP4/MOV", "matroska": "Matroska/WebM", "avi": "AVI"}
+
+
+@dataclass(frozen=True)
+class VideoPolicy:
+    """Limits applied to every video; none of them trusts the container's metadata alone."""
+
+    max_bytes: int = 512 * 1024 * 1024
+    max_frames: int = 256
+    max_duration_s: float = 3 * 3600.0
+    max_pixels: int = 4096 * 2304
+    max_decoded_frames: int = 20_000
+    timeout_s: float = 60.0
+    threads: int = 2
+
+
+@dataclass
+class VideoInfo:
+    """What the container says about its first video stream."""
+
+    width: int
+    height: int
+    fps: float
+    total_frames: int
+    duration_s: float
+    container: str
+
+
+@dataclass
+class DecodedVideo:
+    """Sampled frames: uint8 (n, size, size, 3), their indices and times in seconds."""
+
+    frames: np.ndarray
+    indices: list[int]
+    timestamps: list[float]
+    info: VideoInfo = field(repr=False)
+
+
+def sample_indices(total_frames: int, num_frames: int) -> list[int]:
+    """Upstream's choice: split [0, total_frames-1] into num_frames segments, take each middle.
+
+    Indices may repeat when num_frames > total_frames, as upstream's do.
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    seg = float(total_frames - 1) / num_frames
+    # np.round rounds half to even, which is what the upstream formula does.
+    return [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2
+            for i in range(num_frames)]
+
+
+def sample_indices_fps(total_frames: int, video_fps: float, target_fps: float,
+                       max_frames: int) -> list[int]:
+    """One frame every 1/target_fps seconds (segment middles), at most max_frames of them."""
+    if video_fps <= 0 or target_fps <= 0:
+        raise ValueError(f"fps must be positive, got video_fps={video_fps}, "
+                         f"target_fps={target_fps}")
+    wanted = max(1, int(total_frames / video_fps * target_fps))
+    return sample_indices(total_frames, min(wanted, max_frames))
+
+
+def probe_video(source: str | bytes, policy: VideoPolicy = VideoPolicy(),
+                label: str = "video") -> VideoInfo:
+    """Open the container and check its stream against the policy, decoding nothing."""
+    fmt = _container_format(source, policy, label)
+    with _guard(label, "read"), _open(source, fmt) as container:
+        return _info(container, fmt, policy, label)
+
+
+def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float = 0.0,
+                 end_seconds: float = 0.0, size: int = 448,
+                 policy: VideoPolicy = VideoPolicy(), label: str = "video") -> DecodedVideo:
+    """Sample `num_frames` frames of [start_seconds, end_seconds) and decode them at size x size.
+
+    `source` is a path or the encoded bytes. Frames are decoded by seeking to the keyframe
+    before each sampled frame, on up to `policy.threads` threads, and scaled to the model's
+    size by swscale (bicubic) straight from YUV. Raises MediaError on bad data or limits.
+    """
+    if not 1 <= num_frames <= policy.max_frames:
+        raise MediaError(f"{label}: {num_frames} frames requested, the limit is "
+                         f"1 to {policy.max_frames}")
+    info = probe_video(source, policy, label)
+    first, last = _clip_range(info, start_seconds, end_seconds, label)
+    indices = [first + i for i in sample_indices(last - first + 1, num_frames)]
+    times = [i / info.fps for i in indices]
+    deadline = time.monotonic() + policy.timeout_s
+    chunks = _split(times, min(policy.threads, len(times)))
+    budget = max(1, policy.max_decoded_frames // len(chunks))
+
+    def work(chunk: list[float]) -> list[np.ndarray]:
+        return _decode_at(source, info, chunk, size, deadline, budget, label)
+
+    if len(chunks) == 1:
+        parts = [work(chunks[0])]
+    else:
+        with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
+            parts = list(pool.map(work, chunks))
+    frames = np.stack([f for part in parts for f in part])
+    return DecodedVideo(frames, indices, times, info)
+
+
+def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size: int,
+               deadline: float, budget: int, label: str) -> list[np.ndarray]:
+    """Decode the frames at `targets` (sorted seconds) from one container of its own."""
+    out: list[np.ndarray] = []
+    with _guard(label, "decode"), _open(source, info.container) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base or Fraction(1, 90000)
+        t0 = float((stream.start_time or 0) * tb)
+        half = 0.5 / info.fps
+        frames = None
+        held = None  # the last frame decoded, and its time
+        gop = 2.0  # seconds between keyframes, refined from the keyframes seen
+        last_key = None
+        decoded = 0
+        for t in targets:
+            if held is not None and held[1] >= t - half:
+                out.append(_rgb(held[0], size))
+                continue
+            if frames is None or held is None or t - held[1] > gop:
+                container.seek(int((t + t0) / tb), stream=stream, backward=True)
+                frames = container.decode(stream)
+            chosen = None
+            for frame in frames:
+                decoded += 1
+                if decoded > budget:
+                    raise MediaError(f"{label}: decoding needed more than {budget:,} frames, "
+                                     f"the limit; the file's index may be damaged")
+                if time.monotonic() > deadline:
+                    raise MediaError(f"{label}: decoding took longer than the time limit")
+                if frame.pts is None:
+                    continue
+                ft = float(frame.pts * tb) - t0
+                if frame.key_frame:
+                    if last_key is not None and ft - last_key > half:
+                        gop = ft - last_key
+                    last_key = ft
+                held = (frame, ft)
+                if ft >= t - half:
+                    chosen = frame
+                    break
+            if chosen is None:  # end of stream before t: the header over-counted frames
+                if held is None:
+                    raise MediaError(f"{label}: no frame could be decoded")
+                frames = iter(())
+                chosen = held[0]
+            out.append(_rgb(chosen, size))
+    return out
+
+
+def _rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
+    return frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="BICUBIC")
+
+
+def _clip_range(info: VideoInfo, start: float, end: float, label: str) -> tuple[int, int]:
+    """Inclusive frame-index range of the clip [start, end) seconds; end 0 means the end."""
+    if start < 0 or end < 0 or not math.isfinite(start) or not math.isfinite(end):
+        raise MediaError(f"{label}: start_seconds and end_seconds must be finite and >= 0, "
+                         f"got {start} and {end}")
+    if end and end <= start:
+        raise MediaError(f"{label}: end_seconds ({end}) must be after start_seconds ({start})")
+    if start >= info.duration_s:
+        raise MediaError(f"{label}: start_seconds ({start}) is past the end of the "
+                         f"{info.duration_s:.2f}-second video")
+    first = int(math.ceil(start * info.fps - 1e-9))
+    last = info.total_frames - 1
+    if end:
+        last = min(last, int(math.ceil(end * info.fps - 1e-9)) - 1)
+    return first, max(first, last)
+
+
+def _info(container: av.container.InputContainer, fmt: str, policy: VideoPolicy,
+          label: str) -> VideoInfo:
+    if not container.streams.video:
+        raise MediaError(f"{label}: the file has no video stream")
+    stream = container.streams.video[0]
+    w, h = stream.codec_context.width, stream.codec_context.height
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 0.0
+    if w < 1 or h < 1 or not 0.1 <= fps <= 1000:
+        raise MediaError(f"{label}: the video stream declares an unusable size {w}x{h} "
+                         f"or frame rate {fps:g}")
+    if w * h > policy.max_pixels:
+        raise MediaError(f"{label}: the video is {w}x{h}, over the "
+                         f"{policy.max_pixels / 1e6:.1f}-megapixel limit")
+    if stream.duration is not None and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        duration = stream.frames / fps if stream.frames else 0.0
+    total = int(stream.frames) or int(round(duration * fps))
+    if total < 1 or duration <= 0:
+        raise MediaError(f"{label}: the video declares no frames or no duration")
+    if duration > policy.max_duration_s:
+        raise MediaError(f"{label}: the video lasts {duration:.0f} s, over the "
+                         f"{policy.max_duration_s:.0f}-second limit")
+    # A header can claim more frames than its duration holds; trust the smaller.
+    total = min(total, int(math.ceil(duration * fps)) + 1)
+    return VideoInfo(w, h, fps, total, duration, fmt)
+
+
+def _container_format(source: str | bytes, policy: VideoPolicy, label: str) -> str:
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) > policy.max_bytes:
+            raise MediaError(f"{label}: the video is {len(source):,} bytes, over the "
+                             f"{policy.max_bytes:,}-byte limit")
+        head = bytes(source[:16])
+    else:
+        try:
+            with open(source, "rb") as f:
+                head = f.read(16)
+        except OSError as exc:
+            raise MediaError(f"{label}: cannot read the video ({exc.strerror})") from None
+    if not head:
+        raise MediaError(f"{label}: the video is empty (0 bytes)")
+    if head[4:8] == b"ftyp" or head[4:8] in (b"moov", b"mdat", b"wide", b"free"):
+        return "mov"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    raise MediaError(f"{label}: not a supported video container; send MP4/MOV, "
+                     f"Matroska/WebM or AVI (first bytes {head[:8].hex()})")
+
+
+def _open(source: str | bytes, fmt: str) -> av.container.InputContainer:
+    src = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else source
+    return av.open(src, mode="r", format=fmt, timeout=(10.0, 10.0))
+
+
+def _split(items: list[float], parts: int) -> list[list[float]]:
+    """Contiguous chunks, so each decoder moves forward through its own stretch of the file."""
+    parts = max(1, parts)
+    size = math.ceil(len(items) / parts)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+@contextmanager
+def _guard(label: str, what: str) -> Iterator[None]:
+    """Turns anything FFmpeg or PyAV raises into a MediaError naming the video."""
+    try:
+        yield
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises FFmpegError subclasses, OSError, ValueError, ...
+        text = str(exc) or type(exc).__name__
+        raise MediaError(f"{label}: cannot {what} the video: it is damaged or not a "
+                         f"video ({text[:120]})") from None
+
+
+def silence_ffmpeg(level: int = av.logging.PANIC) -> Callable[[], None]:
+    """Keep FFmpeg's per-packet complaints about damaged input out of the service's logs."""
+    av.logging.set_level(level)
+    return lambda: av.logging.set_level(av.logging.WARNING)

@@ -1,0 +1,146 @@
+"""Image decoding under a policy: allow-listed formats, size caps before decode, RGB out."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from preprocess.errors import MediaError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_FORMAT_NAMES = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
+# EXIF orientations 5-8 swap width and height.
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Limits applied to every image before it is decoded."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 64_000_000
+    max_side: int = 20_000
+    formats: tuple[str, ...] = ALLOWED_FORMATS
+
+
+@dataclass
+class OpenedImage:
+    """A validated image header: format and oriented size known, pixels not yet decoded."""
+
+    image: Image.Image
+    format: str
+    label: str
+    orientation: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) after EXIF orientation."""
+        w, h = self.image.size
+        return (h, w) if self.orientation in _SWAPS_AXES else (w, h)
+
+    def load(self, min_size: tuple[int, int] | None = None) -> Image.Image:
+        """Decode to an 8-bit RGB image, at least `min_size` (w, h) when the codec can scale.
+
+        JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT when that still covers `min_size`,
+        which is most of the speed on large photos that are tiled down anyway.
+        """
+        im = self.image
+        try:
+            if min_size is not None and self.format == "JPEG":
+                want = min_size[::-1] if self.orientation in _SWAPS_AXES else min_size
+                im.draft("RGB", (max(1, want[0]), max(1, want[1])))
+            im.load()
+            im = ImageOps.exif_transpose(im) if self.orientation > 1 else im
+            return to_rgb(im)
+        except MediaError:
+            raise
+        except Exception as exc:  # Pillow raises OSError, ValueError, struct.error, ...
+            raise MediaError(f"{self.label}: the {_FORMAT_NAMES[self.format]} data is damaged or "
+                             f"truncated ({_short(exc)})") from None
+
+
+def open_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "image") -> OpenedImage:
+    """Check the header of an encoded image against `policy` without decoding its pixels.
+
+    Raises MediaError naming `label`, the problem and the limit.
+    """
+    if not data:
+        raise MediaError(f"{label}: the image is empty (0 bytes)")
+    if len(data) > policy.max_bytes:
+        raise MediaError(f"{label}: the image is {len(data):,} bytes, over the "
+                         f"{policy.max_bytes:,}-byte limit")
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(policy.formats))
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard (left at its default) fires before ours on the largest bombs.
+        raise MediaError(f"{label}: the image is over the {policy.max_pixels / 1e6:g}-megapixel "
+                         f"limit ({_short(exc)})") from None
+    except UnidentifiedImageError:
+        raise MediaError(f"{label}: not a supported image; send JPEG, PNG, WebP, GIF or BMP "
+                         f"({_sniff(data)})") from None
+    except Exception as exc:  # a damaged header can raise anything Pillow's parsers raise
+        raise MediaError(f"{label}: the image header is damaged ({_short(exc)})") from None
+    fmt = im.format or "?"
+    name = _FORMAT_NAMES.get(fmt, fmt)
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise MediaError(f"{label}: {name} declares an empty size {w}x{h}")
+    if w * h > policy.max_pixels:
+        raise MediaError(f"{label}: {name} is {w}x{h}, over the "
+                         f"{policy.max_pixels / 1e6:g}-megapixel limit")
+    if max(w, h) > policy.max_side:
+        raise MediaError(f"{label}: {name} is {w}x{h}, over the {policy.max_side}-pixel side limit")
+    try:
+        orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "PNG", "WEBP") else 1
+    except Exception:  # a damaged EXIF block is ignored, as browsers do
+        orientation = 1
+    if getattr(im, "is_animated", False):
+        im.seek(0)  # first frame only; never walk the frames (a GIF may hold thousands)
+    return OpenedImage(im, fmt, label, orientation if 1 <= orientation <= 8 else 1)
+
+
+def decode_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "image",
+                 min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode encoded bytes to an 8-bit RGB PIL image with EXIF orientation applied."""
+    return open_image(data, policy, label).load(min_size)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha composited onto white, 16-bit scaled, CMYK converted."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.uint32 if mode == "I" else np.uint16)
+        scale = 257 if mode != "I" or arr.max(initial=0) > 255 else 1
+        im = Image.fromarray((np.clip(arr, 0, 65535) // scale).astype(np.uint8), "L")
+        mode = "L"
+    if mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _sniff(data: bytes) -> str:
+    """A short hint of what the bytes look like, for the error message."""
+    heads = {b"%!PS": "looks like PostScript/EPS", b"8BPS": "looks like PSD",
+             b"II*\x00": "looks like TIFF", b"MM\x00*": "looks like TIFF",
+             b"%PDF": "looks like PDF", b"SIMPLE": "looks like FITS"}
+    for magic, what in heads.items():
+        if data.startswith(magic):
+            return what
+    return f"first bytes {data[:8].hex()}"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
