@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 # Demuxers we let FFmpeg use, chosen by magic bytes, never by FFmpeg's probe: a probe can
 # pick the HLS or concat demuxers, which open further URLs named inside the file.
-_CONTAINERS = {"mov": "MP4/MOV", "matroska": "Matroska/WebM", "avi": "AVI"}
+# A stream may end a little before the duration its container declares.
+_END_SLACK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,13 @@ def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size:
                 if ft >= t - half:
                     chosen = frame
                     break
-            if chosen is None:  # end of stream before t: the header over-counted frames
+            if chosen is None:  # the stream ended before t
                 if held is None:
                     raise MediaError(f"{label}: no frame could be decoded")
+                if t - held[1] > _END_SLACK_S + 2.0 / info.fps:
+                    raise MediaError(f"{label}: the video's data ends at {held[1]:.2f} s but "
+                                     f"its header claims {info.duration_s:.2f} s; the file is "
+                                     f"truncated or its header is wrong")
                 frames = iter(())
                 chosen = held[0]
             out.append(_rgb(chosen, size))
@@ -207,7 +212,7 @@ def _info(container: av.container.InputContainer, fmt: str, policy: VideoPolicy,
                          f"or frame rate {fps:g}")
     if w * h > policy.max_pixels:
         raise MediaError(f"{label}: the video is {w}x{h}, over the "
-                         f"{policy.max_pixels / 1e6:.1f}-megapixel limit")
+                         f"{policy.max_pixels:,}-pixel limit")
     if stream.duration is not None and stream.time_base:
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,9 +76,14 @@ def open_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "i
         im = Image.open(io.BytesIO(data), formats=list(policy.formats))
     except Image.DecompressionBombError as exc:
         # Pillow's own guard (left at its default) fires before ours on the largest bombs.
-        raise MediaError(f"{label}: the image is over the {policy.max_pixels / 1e6:g}-megapixel "
-                         f"limit ({_short(exc)})") from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise MediaError(f"{label}: {_magic_format(data) or 'the image'} is {pixels}, over the "
+                         f"{policy.max_pixels / 1e6:g}-megapixel limit") from None
     except UnidentifiedImageError:
+        known = _magic_format(data)
+        if known:
+            raise MediaError(f"{label}: the {known} data is damaged or truncated") from None
         raise MediaError(f"{label}: not a supported image; send JPEG, PNG, WebP, GIF or BMP "
                          f"({_sniff(data)})") from None
     except Exception as exc:  # a damaged header can raise anything Pillow's parsers raise
@@ -128,6 +134,21 @@ def to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _magic_format(data: bytes) -> str:
+    """The allowed format these bytes start like, or ''."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return ""
 
 
 def _sniff(data: bytes) -> str:
