@@ -1,0 +1,168 @@
+"""Domain types of one chat job and its events: no protobuf, no tensors."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image by bytes or by reference (exactly one is set)."""
+
+    data: bytes = b""
+    uri: str = ""
+    field: str = ""  # request path, for error details ("messages[1].parts[0].image")
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    """A video by reference or bytes, with its sampling."""
+
+    uri: str = ""
+    data: bytes = b""
+    num_frames: int = 0
+    start_seconds: float = 0.0
+    end_seconds: float = 0.0
+    field: str = ""
+
+
+Part = TextPart | ImagePart | VideoPart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Generation settings, already validated and defaulted."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class VisionParams:
+    max_tiles_per_image: int = 12
+    max_video_frames: int = 32
+    frame_timestamps: bool = True
+
+
+@dataclass
+class ChatJob:
+    """One request as the engine sees it. Per-request state lives here, never on the model."""
+
+    request_id: str
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    vision: VisionParams = field(default_factory=VisionParams)
+    deadline: float | None = None  # time.monotonic() seconds
+    created: float = field(default_factory=time.monotonic)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    vision_tokens: int = 0
+    image_tiles: int = 0
+    video_frames: int = 0
+    cached_tiles: int = 0
+
+
+@dataclass
+class Timing:
+    queue_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New reply text (never splits a character)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a successful job."""
+
+    reason: FinishReason
+    text: str
+    usage: Usage
+    timing: Timing
+    adjustments: tuple[str, ...] = ()
+
+
+Event = Delta | Finished
+
+
+class EngineError(Exception):
+    """A job that cannot complete; `code` is one of the names in service.errors' table."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(EngineError):
+    code = "INVALID_ARGUMENT"
+
+
+class Overloaded(EngineError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class OutOfMemory(EngineError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(EngineError):
+    code = "UNAVAILABLE"
+
+
+class Cancelled(EngineError):
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(EngineError):
+    code = "DEADLINE_EXCEEDED"

@@ -1,0 +1,127 @@
+"""Prefill and batched decode over the Qwen2 layers of transformers, with our own KV slots.
+
+The layers' modules (projections, norms, MLP, rotary) are transformers' own; what is ours
+is the cache: one tensor per layer holding every running job's keys and values in its own
+row, so one decode step advances the whole batch with a single attention call per layer.
+Rows are kept compact (the running jobs are rows 0..B-1) by moving the last row into a gap.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+
+class KVSlots:
+    """Keys and values per layer: (rows, kv_heads, capacity, head_dim), grown by doubling."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
+        self.shape = (rows, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions per row."""
+        if length <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < length:
+            cap *= 2
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src` (its first `length` positions) into row `dst`."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Decoder:
+    """Runs a causal LM from transformers (Qwen2 layout) as prefill + batched decode steps."""
+
+    def __init__(self, causal_lm: torch.nn.Module, max_rows: int) -> None:
+        self.lm = causal_lm
+        self.body = causal_lm.model
+        cfg = causal_lm.config
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ValueError(f"only full-attention layers are supported, the config has {kinds}")
+        self.layers = list(self.body.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.scale = attn.scaling
+        param = next(causal_lm.parameters())
+        self.slots = KVSlots(len(self.layers), max_rows, self.kv_heads, self.head_dim,
+                             param.dtype, param.device)
+
+    def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rows: torch.Tensor, positions: torch.Tensor, i: int, prefill: bool) -> torch.Tensor:
+        attn = layer.self_attn
+        b, n, _ = x.shape
+        h = layer.input_layernorm(x)
+        # (b, n, heads*d) -> (b, heads, n, d)
+        q = attn.q_proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if prefill:  # one job, positions 0..n-1
+            self.slots.k[i][rows[0], :, :n] = k[0]
+            self.slots.v[i][rows[0], :, :n] = v[0]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=self.heads != self.kv_heads)
+        else:  # b jobs, one new token each at its own position
+            self.slots.k[i][rows, :, positions] = k[:, :, 0]
+            self.slots.v[i][rows, :, positions] = v[:, :, 0]
+            t = int(positions.max()) + 1
+            keys = self.slots.k[i][: b, :, :t]  # rows are 0..b-1: compact by construction
+            values = self.slots.v[i][: b, :, :t]
+            # (b, 1, 1, t): each row sees its own positions only
+            mask = (torch.arange(t, device=x.device)[None, :] <= positions[:, None])[:, None, None]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.heads != self.kv_heads)
+        o = o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)  # (b, n, hidden)
+        x = x + attn.o_proj(o)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+             prefill: bool) -> torch.Tensor:
+        pos_ids = positions[None, :] if prefill else positions[:, None]  # (b, n)
+        cos, sin = self.body.rotary_emb(x, pos_ids)
+        for i, layer in enumerate(self.layers):
+            x = self._attend(layer, x, cos, sin, rows, positions, i, prefill)
+        return self.body.norm(x)
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, row: int, all_logits: bool = False) -> torch.Tensor:
+        """Prompt embeddings (n, hidden) into row `row`; logits of the last position (vocab,)
+        or of every position (n, vocab)."""
+        n = embeds.shape[0]
+        self.slots.reserve(n + 1)
+        positions = torch.arange(n, device=embeds.device)
+        rows = torch.tensor([row], device=embeds.device)
+        h = self._run(embeds[None], positions, rows, prefill=True)[0]  # (n, hidden)
+        return self.lm.lm_head(h if all_logits else h[-1])
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab)."""
+        b = tokens.shape[0]
+        self.slots.reserve(int(positions.max()) + 1)
+        x = self.body.embed_tokens(tokens)[:, None, :]  # (b, 1, hidden)
+        rows = torch.arange(b, device=tokens.device)
+        h = self._run(x, positions, rows, prefill=False)  # (b, 1, hidden)
+        return self.lm.lm_head(h[:, 0])

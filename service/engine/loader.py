@@ -1,0 +1,184 @@
+"""Load an Eagle2 checkpoint (folder or cached hub id) into Eagle2Model, strictly and once."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from service.engine.config import EagleConfig, ModelLoadError, read_config
+from service.engine.model import Eagle2Model
+
+log = logging.getLogger(__name__)
+
+# Checkpoint tensors that exist in some releases and that inference never uses.
+_UNUSED = re.compile(r"^vision_model\.vision_model\.head\.")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with its tokenizer, config and where it came from."""
+
+    model: Eagle2Model
+    tokenizer: PreTrainedTokenizerBase
+    cfg: EagleConfig
+    folder: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
+    """`tiny`, a checkpoint folder, or a hub id already in the local cache -> a folder."""
+    if ref == "tiny":
+        from service.engine.tiny import ensure_tiny
+
+        return ensure_tiny(cache_dir)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if _HUB_ID.match(ref):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(repo_id=ref, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise ModelLoadError(
+                f"model {ref!r} is not in the local Hugging Face cache and this server never "
+                f"downloads; fetch it first (`hf download {ref}`) or pass a folder") from None
+    raise ModelLoadError(f"model {ref!r} is neither 'tiny', a folder, nor a hub id (org/name)")
+
+
+def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA in bfloat16 when present (or asked for), else CPU in float32."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA device is visible")
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def attention_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_empty(cfg: EagleConfig, attn: str = "sdpa") -> Eagle2Model:
+    """The module tree with parameters on the meta device (no memory) and real buffers."""
+    cfg.text._attn_implementation = attn
+    cfg.vision._attn_implementation = attn if attn != "flash_attention_2" else "sdpa"
+    with init_empty_weights(include_buffers=False):
+        return Eagle2Model(cfg)
+
+
+def official_names(model: Eagle2Model) -> dict[str, str]:
+    """Module parameter name -> the name the official checkpoints store it under.
+
+    transformers 5 flattened SiglipVisionModel (no inner `vision_model.`); the checkpoints
+    keep the inner prefix, so it is put back here. Tied lm_head is left out.
+    """
+    names = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("vision_model.") and not name.startswith("vision_model.vision_model."):
+            names[name] = "vision_model." + name
+        else:
+            names[name] = name
+    if model.cfg.tie_word_embeddings:
+        names.pop("language_model.lm_head.weight", None)
+    return names
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ModelLoadError(f"{folder} has neither model.safetensors nor "
+                         f"model.safetensors.index.json")
+
+
+def check_keys(model: Eagle2Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Compare checkpoint key shapes with the module; returns official -> module names.
+
+    Raises ModelLoadError naming every missing, unexpected or mis-shaped key.
+    """
+    to_official = official_names(model)
+    to_module = {v: k for k, v in to_official.items()}
+    params = dict(model.named_parameters())
+    present = {k for k in shapes if not _UNUSED.match(k)}
+    if model.cfg.tie_word_embeddings:
+        present.discard("language_model.lm_head.weight")
+    missing = sorted(set(to_module) - present)
+    unexpected = sorted(present - set(to_module))
+    wrong = [f"{k} is {list(shapes[k])}, expected {list(params[to_module[k]].shape)}"
+             for k in sorted(present & set(to_module))
+             if tuple(shapes[k]) != tuple(params[to_module[k]].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_few(wrong)}")
+    if problems:
+        raise ModelLoadError("the checkpoint does not match its config: " + "; ".join(problems))
+    return to_module
+
+
+def load_model(folder: Path, device: str = "auto") -> LoadedModel:
+    """Read config, tokenizer and safetensors from `folder` into a model on the chosen device."""
+    cfg = read_config(folder)
+    dev, dtype = pick_device(device)
+    model = build_empty(cfg, attention_backend(dev))
+    files = checkpoint_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    to_module = check_keys(model, shapes)
+    state = {}
+    for file in files:  # tensors go straight to their device and dtype, shard by shard
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key in to_module:
+                    state[to_module[key]] = f.get_tensor(key).to(device=dev, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.language_model.get_output_embeddings().weight = model.embed_tokens.weight
+    model.to(dev).eval()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ModelLoadError(f"parameters left unloaded: {_few(still_meta)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: the tokenizer files cannot be read ({exc})") from None
+    log.info("loaded %s (%s) on %s in %s", folder.name, cfg.model_type, dev, dtype)
+    return LoadedModel(model, tokenizer, cfg, folder, dev, dtype)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -1,0 +1,139 @@
+"""The media and budget stages of one job: decode, fit the context (ADS), tile, tokenise."""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from preprocess import budget as ads
+from preprocess import frames as vid
+from preprocess import refs, tiler
+from preprocess.errors import ContextOverflow, PreprocessError
+from preprocess.media import ImagePolicy, OpenedImage, open_image
+from service.engine import prompt as pr
+from service.engine.job import ChatJob, ImagePart, VideoPart
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Limits and policies of the media stage."""
+
+    image: ImagePolicy = ImagePolicy()
+    video: vid.VideoPolicy = vid.VideoPolicy()
+    refs: refs.RefPolicy = refs.RefPolicy()
+    min_video_frames: int = 4
+    norm: str = "siglip"
+
+
+@dataclass
+class Prepared:
+    """A job ready for the scheduler: prompt ids and one uint8 tile stack in slot order."""
+
+    job: ChatJob
+    ids: list[int]
+    tiles: np.ndarray | None  # (n, s, s, 3) uint8, or None for text only
+    image_tiles: int
+    video_frames: int
+    adjustments: list[str]
+    preprocess_ms: float
+    prompt_text_tokens: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    def pixel_values(self, norm: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return tiler.normalize(self.tiles, norm).to(device=device, dtype=dtype)
+
+
+class Preparer:
+    """Everything between a ChatJob and token ids: needs the tokenizer and model config only."""
+
+    def __init__(self, tokenizer, cfg, context_length: int, settings: MediaSettings) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.context_length = context_length
+        self.tokens = pr.PromptTokenizer(tokenizer, cfg.image_token_index)
+        self.per_tile = cfg.patch_tokens
+        worst = "Frame 9999 sampled at 99999.99 seconds: \n"
+        self.frame_line_tokens = len(tokenizer(worst, add_special_tokens=False)["input_ids"]) + 2
+
+    def __call__(self, job: ChatJob) -> Prepared:
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            images = [p for m in job.messages for p in m.parts if isinstance(p, ImagePart)]
+            videos = [p for m in job.messages for p in m.parts if isinstance(p, VideoPart)]
+            opened = [self._open_image(p, k, stack) for k, p in enumerate(images)]
+            sources = [self._video_source(p, k, stack) for k, p in enumerate(videos)]
+            wanted = [min(p.num_frames or job.vision.max_video_frames,
+                          job.vision.max_video_frames) for p in videos]
+            skeleton = pr.conversation(job.messages, [[] for _ in videos],
+                                       timestamps=job.vision.frame_timestamps)
+            text_tokens = self.tokens.count_text(skeleton)
+            cap = job.vision.max_tiles_per_image if self.cfg.dynamic_image_size else 1
+            try:
+                plan = ads.fit_budget(
+                    context_length=self.context_length, text_tokens=text_tokens,
+                    max_new_tokens=job.sampling.max_new_tokens,
+                    images=[ads.ImageNeed(*o.size, cap) for o in opened],
+                    videos=[ads.VideoNeed(n, self.settings.min_video_frames) for n in wanted],
+                    tokens_per_tile=self.per_tile,
+                    tokens_per_frame_text=self.frame_line_tokens if job.vision.frame_timestamps
+                    else self.frame_line_tokens // 2,
+                    tile_size=self.cfg.image_size)
+            except ContextOverflow as exc:
+                exc.field = "messages"
+                raise
+            decoded = [_labelled(p, lambda: vid.decode_video(
+                src, n, start_seconds=p.start_seconds, end_seconds=p.end_seconds,
+                size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}"))
+                for k, (p, src, n) in enumerate(zip(videos, sources, plan.video_frames))]
+            per_image = [self._tile(o, c, p) for o, c, p in zip(opened, plan.tile_caps, images)]
+        segments = pr.conversation(job.messages, [d.timestamps for d in decoded],
+                                   timestamps=job.vision.frame_timestamps)
+        counts = [t.shape[0] for t in per_image]
+        ids = self.tokens.encode(segments, counts, self.per_tile)
+        if len(ids) + job.sampling.max_new_tokens > self.context_length:
+            raise ContextOverflow(f"the prompt is {len(ids):,} tokens and {job.sampling.max_new_tokens:,} "
+                                  f"more are reserved for the reply, over the "
+                                  f"{self.context_length:,}-token context", field="messages")
+        order = [per_image[s.image] if s.image >= 0 else decoded[s.video].frames[s.frame][None]
+                 for s in segments if isinstance(s, pr.Slot)]
+        tiles = np.concatenate(order) if order else None
+        return Prepared(job, ids, tiles, sum(counts), sum(plan.video_frames), plan.adjustments,
+                        (time.perf_counter() - start) * 1000, text_tokens)
+
+    def _open_image(self, part: ImagePart, k: int, stack: ExitStack) -> OpenedImage:
+        label = f"image {k + 1}"
+        data = part.data or self._read_ref(part.uri, label, part.field, stack, as_bytes=True)
+        return _labelled(part, lambda: open_image(data, self.settings.image, label))
+
+    def _video_source(self, part: VideoPart, k: int, stack: ExitStack) -> str | bytes:
+        return part.data or self._read_ref(part.uri, f"video {k + 1}", part.field, stack)
+
+    def _read_ref(self, uri: str, label: str, field: str, stack: ExitStack,
+                  as_bytes: bool = False) -> str | bytes:
+        try:
+            if refs.is_url(uri):
+                return refs.fetch_url(uri, self.settings.refs, label)
+            local = stack.enter_context(refs.open_local(uri, self.settings.refs, label))
+            return local.read() if as_bytes else local.proc_path
+        except PreprocessError as exc:
+            exc.field = exc.field or field
+            raise
+
+    def _tile(self, opened: OpenedImage, cap: int, part: ImagePart) -> np.ndarray:
+        cols, rows = tiler.choose_grid(*opened.size, max_tiles=cap, tile_size=self.cfg.image_size)
+        size = self.cfg.image_size
+        image = _labelled(part, lambda: opened.load(min_size=(cols * size, rows * size)))
+        return tiler.split_tiles(image, max_tiles=cap, tile_size=size,
+                                 use_thumbnail=self.cfg.use_thumbnail)
+
+
+def _labelled(part, fn):
+    """Run fn, stamping any preprocessing error with the request path of `part`."""
+    try:
+        return fn()
+    except PreprocessError as exc:
+        exc.field = exc.field or part.field
+        raise

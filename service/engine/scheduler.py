@@ -1,0 +1,369 @@
+"""The engine thread: admits prepared jobs into the running batch and steps them together."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from preprocess.errors import PreprocessError
+from service.engine.detok import TextAssembler
+from service.engine.job import (Cancelled, ChatJob, DeadlineExceeded, Delta, EngineError,
+                                Finished, FinishReason, OutOfMemory, Overloaded, Timing,
+                                Unavailable, Usage)
+from service.engine.llm import Decoder
+from service.engine.loader import LoadedModel
+from service.engine.prepare import MediaSettings, Prepared, Preparer
+from service.engine.sampling import Sampler
+from service.engine.stream import JobStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Capacity of the engine: what runs at once, what may wait, and the media stage."""
+
+    max_running: int = 16
+    max_queue: int = 64
+    max_batch_tokens: int = 262_144
+    preprocess_workers: int = 2
+    vision_batch: int = 32
+    media: MediaSettings = MediaSettings()
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_name: str
+    model_type: str
+    context_length: int
+    tokens_per_tile: int
+    tile_size: int
+    max_tiles_per_image: int
+    device: str
+
+
+class Engine(Protocol):
+    """What the servicer needs from an engine; it knows nothing of protobuf."""
+
+    def submit(self, job: ChatJob) -> JobStream: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def info(self) -> EngineInfo: ...
+
+
+@dataclass
+class _Running:
+    stream: JobStream
+    prep: Prepared
+    sampler: Sampler
+    text: TextAssembler
+    seen: torch.Tensor  # prompt + reply ids, for the repetition penalty
+    length: int = 0  # tokens in the KV row
+    last: int = 0  # the sampled token not yet in the KV row
+    generated: int = 0
+    t_submit: float = 0.0
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    finished: bool = field(default=False)
+
+
+class NativeEngine:
+    """Eagle2 on transformers' modules with continuous batching in one engine thread."""
+
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings = EngineSettings(),
+                 context_length: int | None = None) -> None:
+        self.lm = loaded
+        self.settings = settings
+        tok = loaded.tokenizer
+        self.context_length = int(context_length or min(
+            getattr(tok, "model_max_length", 0) or 1 << 30,
+            loaded.cfg.text.max_position_embeddings))
+        self.prepare = Preparer(tok, loaded.cfg, self.context_length, settings.media)
+        self.image_token_id = self.prepare.tokens.img_context
+        stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        self.stop_ids = {i for i in stops if i is not None and i != tok.unk_token_id}
+        self.vocab_limit = min(len(tok), loaded.cfg.text.vocab_size)
+        self.decoder = Decoder(loaded.model.language_model, settings.max_running)
+        self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
+        self._cv = threading.Condition()
+        self._waiting: deque[tuple[JobStream, Prepared, float]] = deque()
+        self._running: list[_Running] = []
+        self._streams: dict[int, JobStream] = {}  # keyed by id(stream): ids may repeat
+        self._in_flight = 0
+        self._accepting = True
+        self._stop = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # the interface ------------------------------------------------------------------------
+    def submit(self, job: ChatJob) -> JobStream:
+        """Queue a job; its events arrive on the returned stream. Full: Overloaded at once."""
+        stream = JobStream(job)
+        with self._cv:
+            if not self._accepting:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            cap = self.settings.max_running + self.settings.max_queue
+            if self._in_flight >= cap:
+                raise Overloaded(f"the server is at capacity ({self.settings.max_running} "
+                                 f"running, {self.settings.max_queue} queued); retry later")
+            self._in_flight += 1
+            self._streams[id(stream)] = stream
+        t_submit = time.monotonic()
+        self._pool.submit(self._prepare, stream, t_submit)
+        return stream
+
+    def cancel(self, request_id: str) -> bool:
+        with self._cv:
+            found = [s for s in self._streams.values() if s.job.request_id == request_id]
+            for stream in found:
+                stream.cancel()
+            self._cv.notify()
+        return bool(found)
+
+    def info(self) -> EngineInfo:
+        dev = self.lm.device
+        return EngineInfo(self.lm.name, self.lm.cfg.model_type, self.context_length,
+                          self.lm.cfg.patch_tokens, self.lm.cfg.image_size,
+                          self.lm.cfg.max_tiles, f"{dev.type} {str(self.lm.dtype)[6:]}")
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"in_flight": self._in_flight, "waiting": len(self._waiting),
+                    "running": len(self._running), "steps": self.steps}
+
+    def drain(self, grace: float) -> None:
+        """Refuse new jobs, let running ones finish for up to `grace` s, then end the rest."""
+        with self._cv:
+            self._accepting = False
+        end = time.monotonic() + grace
+        while time.monotonic() < end and self.stats()["in_flight"]:
+            time.sleep(0.02)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+        for stream in list(self._streams.values()):
+            self._end(stream, Unavailable("the server shut down before this request finished"))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # the media stage (worker threads) -------------------------------------------------------
+    def _prepare(self, stream: JobStream, t_submit: float) -> None:
+        try:
+            if stream.cancelled.is_set():
+                raise Cancelled("cancelled by the client")
+            if stream.job.expired():
+                raise DeadlineExceeded("the deadline passed while the request was queued")
+            prepared = self.prepare(stream.job)
+        except (PreprocessError, EngineError) as exc:
+            self._end(stream, exc)
+            return
+        except Exception as exc:  # a bug in the media stage fails this job alone
+            log.exception("preparing %s failed", stream.job.request_id)
+            self._end(stream, EngineError(f"internal error while preparing media: {exc}"))
+            return
+        with self._cv:
+            self._waiting.append((stream, prepared, t_submit))
+            self._cv.notify()
+
+    # the engine thread --------------------------------------------------------------------
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._running or self._stop):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                admitted = self._admit()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                self._reap()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a bug in the loop itself: fail what runs, keep serving
+                log.exception("engine loop iteration failed")
+                for r in self._running:
+                    self._end(r.stream, _as_engine_error(exc))
+                self._running.clear()
+
+    def _admit(self) -> list[tuple[JobStream, Prepared, float]]:
+        """Pop waiting jobs that fit the batch-size cap and the token budget (lock held)."""
+        out = []
+        budget = sum(r.prep.job.sampling.max_new_tokens + len(r.prep.ids) for r in self._running)
+        while self._waiting and len(self._running) + len(out) < self.settings.max_running:
+            stream, prep, t = self._waiting[0]
+            need = len(prep.ids) + prep.job.sampling.max_new_tokens
+            if (self._running or out) and budget + need > self.settings.max_batch_tokens:
+                break
+            self._waiting.popleft()
+            budget += need
+            out.append((stream, prep, t))
+        return out
+
+    def _prefill(self, admitted: list[tuple[JobStream, Prepared, float]]) -> None:
+        now = time.monotonic()
+        live = []
+        for stream, prep, t_submit in admitted:
+            if self._drop_if_gone(stream):
+                continue
+            live.append((stream, prep, t_submit))
+        try:
+            vision = self._encode([p for _, p, _ in live])
+        except Exception as exc:  # fails every job of this admission, none of the running
+            for stream, _, _ in live:
+                self._end(stream, _as_engine_error(exc))
+            return
+        for (stream, prep, t_submit), feats in zip(live, vision):
+            job = stream.job
+            try:
+                ids = torch.tensor(prep.ids, device=self.lm.device)
+                embeds = self.lm.model.embed(ids, feats, self.image_token_id)
+                row = len(self._running)
+                logits = self.decoder.prefill(embeds, row)
+                run = _Running(stream, prep, Sampler(job.sampling, self.vocab_limit,
+                                                     self.lm.device),
+                               TextAssembler(self.lm.tokenizer, job.sampling.stop), ids,
+                               length=len(prep.ids), t_submit=t_submit, t_admit=now)
+                run.t_first = time.monotonic()
+                self._running.append(run)
+                self._accept(run, run.sampler(logits, run.seen))
+            except Exception as exc:
+                if self._running and self._running[-1].stream is stream:
+                    self._running.pop()
+                self._end(stream, _as_engine_error(exc))
+        self._compact()
+
+    @torch.inference_mode()
+    def _encode(self, preps: list[Prepared]) -> list[torch.Tensor | None]:
+        """Vision features for several jobs at once: (tiles_j, 256, hidden) each."""
+        stacks = [p.pixel_values(self.prepare.settings.norm, self.lm.device, self.lm.dtype)
+                  for p in preps if p.tiles is not None]
+        if not stacks:
+            return [None] * len(preps)
+        pixels = torch.cat(stacks)
+        step = self.settings.vision_batch
+        feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + step])
+                           for i in range(0, pixels.shape[0], step)])
+        out, at = [], 0
+        for p in preps:
+            n = 0 if p.tiles is None else p.tiles.shape[0]
+            out.append(feats[at:at + n] if n else None)
+            at += n
+        return out
+
+    def _step(self) -> None:
+        rows = self._running
+        tokens = torch.tensor([r.last for r in rows], device=self.lm.device)
+        positions = torch.tensor([r.length for r in rows], device=self.lm.device)
+        try:
+            logits = self.decoder.decode_step(tokens, positions)
+        except Exception as exc:
+            for r in rows:
+                r.finished = True
+                self._end(r.stream, _as_engine_error(exc))
+            self._compact()
+            return
+        self.steps += 1
+        for i, r in enumerate(rows):
+            r.length += 1
+            r.seen = torch.cat([r.seen, tokens[i:i + 1]])
+            try:
+                self._accept(r, r.sampler(logits[i], r.seen))
+            except Exception as exc:
+                r.finished = True
+                self._end(r.stream, _as_engine_error(exc))
+        self._compact()
+
+    def _accept(self, r: _Running, token: int) -> None:
+        """Take one sampled token: emit text, or finish on a stop token, stop string or limit."""
+        if token in self.stop_ids:
+            self._finish(r, FinishReason.STOP)
+            return
+        r.generated += 1
+        r.last = token
+        delta = r.text.add(token)
+        if delta:
+            r.stream.push(Delta(delta))
+        if r.text.stopped:
+            self._finish(r, FinishReason.STOP)
+        elif (r.generated >= r.prep.job.sampling.max_new_tokens
+              or r.length + 1 >= self.context_length):
+            self._finish(r, FinishReason.LENGTH)
+
+    def _finish(self, r: _Running, reason: FinishReason) -> None:
+        r.finished = True
+        tail = r.text.finish()
+        if tail:
+            r.stream.push(Delta(tail))
+        end = time.monotonic()
+        p = r.prep
+        usage = Usage(prompt_tokens=len(p.ids), completion_tokens=r.generated,
+                      vision_tokens=self.lm.cfg.patch_tokens * (p.image_tiles + p.video_frames),
+                      image_tiles=p.image_tiles, video_frames=p.video_frames)
+        timing = Timing(queue_ms=max(0.0, (r.t_admit - r.t_submit) * 1000 - p.preprocess_ms),
+                        preprocess_ms=p.preprocess_ms,
+                        prefill_ms=(r.t_first - r.t_admit) * 1000,
+                        decode_ms=(end - r.t_first) * 1000)
+        self._end(r.stream, Finished(reason, r.text.text, usage, timing, tuple(p.adjustments)))
+
+    def _reap(self) -> None:
+        """Drop running jobs whose client went away or whose deadline passed."""
+        now = time.monotonic()
+        for r in self._running:
+            if r.stream.cancelled.is_set():
+                r.finished = True
+                self._end(r.stream, Cancelled("cancelled by the client"))
+            elif r.stream.job.expired(now):
+                r.finished = True
+                self._end(r.stream, DeadlineExceeded(
+                    f"the deadline passed after {r.generated} tokens"))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Remove finished rows, moving the last row into each gap so rows stay 0..B-1."""
+        gone = [i for i, r in enumerate(self._running) if r.finished]
+        for i in reversed(gone):
+            last = len(self._running) - 1
+            if i != last:
+                self.decoder.slots.move(last, i, self._running[last].length)
+                self._running[i] = self._running[last]
+            self._running.pop()
+
+    def _drop_if_gone(self, stream: JobStream) -> bool:
+        if stream.cancelled.is_set():
+            self._end(stream, Cancelled("cancelled by the client"))
+            return True
+        if stream.job.expired():
+            self._end(stream, DeadlineExceeded("the deadline passed while the request was queued"))
+            return True
+        return False
+
+    def _end(self, stream: JobStream, outcome: object) -> None:
+        """The single place a job ends: exactly one final event, and its slot is released."""
+        with self._cv:
+            if self._streams.pop(id(stream), None) is None:
+                return
+            self._in_flight -= 1
+        if isinstance(outcome, Finished):
+            stream.finish(outcome)
+        else:
+            stream.fail(outcome)
+
+
+def _as_engine_error(exc: BaseException) -> EngineError:
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemory("the model ran out of memory for this request; send fewer or smaller "
+                           "images, fewer frames, or a lower max_new_tokens")
+    log.error("engine step failed", exc_info=exc)
+    return EngineError(f"internal error in the engine: {type(exc).__name__}")

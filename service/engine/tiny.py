@@ -1,0 +1,146 @@
+"""The embedded `tiny` model: Eagle2's exact architecture and file layout, random weights.
+
+Written deterministically on first use (fixed seed, tokenizer trained on a built-in text),
+then loaded through the same loader as a real checkpoint. It answers with nonsense; it
+exists so that the whole path runs anywhere without a download.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+VERSION = "tiny-v1"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
+                  "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+CONTEXT_LENGTH = 16384
+
+_TEXT = """\
+You are a helpful assistant. Describe this image in detail. What is in this picture?
+This is a video. Frame one sampled at zero seconds. The image shows a cat sitting on a
+wooden table beside a window, with morning light falling across a blue cup of coffee.
+A red car drives along a mountain road under a cloudy sky; trees line both sides.
+The document contains a table of numbers: revenue, costs and profit for each quarter.
+Answer the question about the chart: which bar is the tallest, and by how much?
+Two people are walking a dog in the park. Children play football on the green grass.
+The screenshot shows a settings page with a list of options and a blue save button.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14 42. Punctuation: , . ; : ! ? ( ) " '
+Unicode: café naïve déjà vu — “quotes” ‘single’ 東京 北京 서울 Москва 😀 🚀 ✓ é ü ß ñ
+""" * 4
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EAGLE_CACHE_DIR", Path.home() / ".cache" / "eagle-grpc"))
+
+
+def ensure_tiny(cache_dir: Path | None = None) -> Path:
+    """The tiny checkpoint folder, written on first use (atomically: build, then rename)."""
+    folder = (cache_dir or cache_root()) / VERSION
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        write_tiny(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote the tiny random-weight model to %s", folder)
+    return folder
+
+
+def train_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Eagle's special tokens, trained on the built-in text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_TEXT.splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=CONTEXT_LENGTH,
+        clean_up_tokenization_spaces=False)
+
+
+def tiny_config(vocab_size: int) -> dict:
+    """config.json in the legacy `eagle_chat` layout, at toy sizes."""
+    return {
+        "architectures": ["Eagle2ChatModel"],
+        "model_type": "eagle_chat",
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": 448,
+        "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1,
+        "select_layer": -1,
+        "template": "qwen2-chat",
+        "use_thumbnail": True,
+        "ps_version": "v2",
+        "tie_word_embeddings": True,
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "vocab_size": vocab_size, "tie_word_embeddings": True, "bos_token_id": 0,
+            "eos_token_id": 2, "use_sliding_window": False, "sliding_window": 32768,
+            "attention_dropout": 0.0, "torch_dtype": "float32",
+        },
+        "vision_config": {
+            "architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": 448, "patch_size": 14, "num_channels": 3,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
+            "vision_use_head": False,
+        },
+    }
+
+
+def write_tiny(folder: Path, seed: int = 0) -> None:
+    """Write config, tokenizer and model.safetensors (official key names) into `folder`."""
+    from service.engine.config import parse_config
+    from service.engine.loader import official_names
+    from service.engine.model import Eagle2Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    tokenizer.save_pretrained(str(folder))
+    raw = tiny_config(len(tokenizer))
+    (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    torch.manual_seed(seed)
+    model = Eagle2Model(parse_config(raw))
+    with torch.no_grad():  # random, but with a scale that keeps activations lively
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 if "embed" in name else 0.2)
+    params = dict(model.named_parameters())
+    tensors = {official: params[name].detach().contiguous()
+               for name, official in official_names(model).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}) + "\n")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = ensure_tiny()
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
