@@ -1,0 +1,170 @@
+"""The engine's model equals an independent composition; the loader is strict about keys."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+import factory
+from service.engine.config import ModelLoadError, parse_config, read_config
+from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, TextPart, VisionParams
+from service.engine.llm import Decoder
+from service.engine.loader import build_empty, check_keys, load_model, official_names
+from service.engine.prepare import MediaSettings, Preparer
+
+_JUNK = {"architectures", "auto_map", "model_type", "torch_dtype", "_name_or_path"}
+
+
+def _shuffle_like_upstream(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """InternVL/Eagle pixel_shuffle ('v2'), restated with views and permutes."""
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+def _independent(folder: Path):
+    raw = json.loads((folder / "config.json").read_text())
+    sd = load_file(str(folder / "model.safetensors"))
+    vcfg = SiglipVisionConfig(**{k: v for k, v in raw["vision_config"].items() if k not in _JUNK})
+    vision = SiglipVisionModel(vcfg).eval()
+    prefix = "vision_model.vision_model."
+    vision.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    llm = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in raw["llm_config"].items()
+                                          if k not in _JUNK})).eval()
+    missing = llm.load_state_dict({k[15:]: v for k, v in sd.items()
+                                   if k.startswith("language_model.")}, strict=False).missing_keys
+    assert missing == ["lm_head.weight"]  # tied: shares the input embeddings
+    llm.tie_weights()
+    c = vcfg.hidden_size * 4
+    mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, llm.config.hidden_size), nn.GELU(),
+                        nn.Linear(llm.config.hidden_size, llm.config.hidden_size)).eval()
+    mlp.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("mlp1.")})
+    return vision, mlp, llm
+
+
+def test_logits_equal_an_independent_composition_with_two_images(tiny, tiny_dir) -> None:
+    job = ChatJob("eq", (ChatMessage(Role.USER, (
+        ImagePart(data=factory.encode(factory.photo(900, 500, seed=1), "PNG")),
+        TextPart("Compare"),
+        ImagePart(data=factory.encode(factory.photo(300, 700, seed=2), "JPEG")),
+        TextPart("these two.")),),), vision=VisionParams(max_tiles_per_image=2))
+    prep = Preparer(tiny.tokenizer, tiny.cfg, 16384, MediaSettings())(job)
+    assert prep.image_tiles == 3 + 3  # 2x1 + thumbnail, 1x2 + thumbnail
+    pixels = prep.pixel_values("siglip", torch.device("cpu"), torch.float32)
+    ids = torch.tensor(prep.ids)
+    ctx = tiny.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    with torch.inference_mode():
+        feats = tiny.model.encode_tiles(pixels)
+        ours = Decoder(tiny.model.language_model, 2).prefill(
+            tiny.model.embed(ids, feats, ctx), 0, all_logits=True)
+        vision, mlp, llm = _independent(tiny_dir)
+        v = vision(pixel_values=pixels).last_hidden_state  # (6, 1024, c)
+        v = _shuffle_like_upstream(v.reshape(6, 32, 32, -1)).reshape(6, 256, -1)
+        embeds = llm.get_input_embeddings()(ids).clone()
+        embeds[ids == ctx] = mlp(v).reshape(-1, embeds.shape[-1])
+        ref = llm(inputs_embeds=embeds[None]).logits[0]
+    assert ours.shape == ref.shape == (len(prep.ids), llm.config.vocab_size)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+def _official_keys(cfg: dict, text_key: str) -> dict[str, list[int]]:
+    """The Eagle2 checkpoint key set (names and shapes) derived from the config, by hand."""
+    v, t = cfg["vision_config"], cfg[text_key]
+    hv, iv, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    keys = {"vision_model.vision_model.embeddings.patch_embedding.weight": [hv, 3, p, p],
+            "vision_model.vision_model.embeddings.patch_embedding.bias": [hv],
+            "vision_model.vision_model.embeddings.position_embedding.weight":
+                [(v["image_size"] // p) ** 2, hv],
+            "vision_model.vision_model.post_layernorm.weight": [hv],
+            "vision_model.vision_model.post_layernorm.bias": [hv]}
+    for i in range(v["num_hidden_layers"]):
+        b = f"vision_model.vision_model.encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            keys[b + f"self_attn.{proj}.weight"], keys[b + f"self_attn.{proj}.bias"] = [hv, hv], [hv]
+        for norm in ("layer_norm1", "layer_norm2"):
+            keys[b + f"{norm}.weight"], keys[b + f"{norm}.bias"] = [hv], [hv]
+        keys[b + "mlp.fc1.weight"], keys[b + "mlp.fc1.bias"] = [iv, hv], [iv]
+        keys[b + "mlp.fc2.weight"], keys[b + "mlp.fc2.bias"] = [hv, iv], [hv]
+    h, it, vocab = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    kvd = h // t["num_attention_heads"] * t["num_key_value_heads"]
+    keys.update({"mlp1.0.weight": [4 * hv], "mlp1.0.bias": [4 * hv], "mlp1.1.weight": [h, 4 * hv],
+                 "mlp1.1.bias": [h], "mlp1.3.weight": [h, h], "mlp1.3.bias": [h],
+                 "language_model.model.embed_tokens.weight": [vocab, h],
+                 "language_model.model.norm.weight": [h]})
+    for i in range(t["num_hidden_layers"]):
+        b = f"language_model.model.layers.{i}."
+        keys.update({b + "self_attn.q_proj.weight": [h, h], b + "self_attn.q_proj.bias": [h],
+                     b + "self_attn.k_proj.weight": [kvd, h], b + "self_attn.k_proj.bias": [kvd],
+                     b + "self_attn.v_proj.weight": [kvd, h], b + "self_attn.v_proj.bias": [kvd],
+                     b + "self_attn.o_proj.weight": [h, h], b + "mlp.gate_proj.weight": [it, h],
+                     b + "mlp.up_proj.weight": [it, h], b + "mlp.down_proj.weight": [h, it],
+                     b + "input_layernorm.weight": [h], b + "post_attention_layernorm.weight": [h]})
+    if not t.get("tie_word_embeddings"):
+        keys["language_model.lm_head.weight"] = [vocab, h]
+    return keys
+
+
+@pytest.mark.parametrize("layout,text_key", [("eagle2-1b", "text_config"),
+                                             ("eagle2-1b-legacy", "llm_config")])
+def test_real_eagle2_1b_configs_build_the_official_key_set(shared_configs, layout, text_key):
+    folder = shared_configs / layout
+    cfg = read_config(folder)
+    model = build_empty(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    params = dict(model.named_parameters())
+    ours = {official: list(params[name].shape) for name, official in official_names(model).items()}
+    expected = _official_keys(json.loads((folder / "config.json").read_text()), text_key)
+    assert len(expected) == 27 * 16 + 5 + 6 + 24 * 12 + 2
+    assert ours == expected
+    shapes = {k: tuple(v) for k, v in expected.items()}
+    check_keys(model, shapes)  # the official set passes
+    renamed = dict(shapes)
+    renamed["language_model.model.layers.3.mlp.up_proj.weigth"] = renamed.pop(
+        "language_model.model.layers.3.mlp.up_proj.weight")
+    with pytest.raises(ModelLoadError, match=r"missing keys: language_model\.model\.layers\.3\.mlp"
+                                             r"\.up_proj\.weight; unexpected keys: .*weigth"):
+        check_keys(model, renamed)
+    reshaped = dict(shapes)
+    reshaped["mlp1.1.weight"] = (896, 4000)
+    with pytest.raises(ModelLoadError, match=r"wrong shapes: mlp1\.1\.weight is \[896, 4000\], "
+                                             r"expected \[896, 4608\]"):
+        check_keys(model, reshaped)
+    unused_head = dict(shapes, **{"vision_model.vision_model.head.probe": (1, 1, 1152)})
+    check_keys(model, unused_head)  # the unused SigLIP pooling head is tolerated
+
+
+def test_a_damaged_checkpoint_fails_naming_the_key(tiny_dir, tmp_path) -> None:
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    sd = load_file(str(tiny_dir / "model.safetensors"))
+    sd["mlp1.3.bias_renamed"] = sd.pop("mlp1.3.bias")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"missing keys: mlp1\.3\.bias; "
+                                             r"unexpected keys: mlp1\.3\.bias_renamed"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_unsupported_layouts_are_refused_clearly() -> None:
+    with pytest.raises(ModelLoadError, match="'MOB'.*not supported yet"):
+        parse_config({"model_type": "eagle_chat", "llm_config": {},
+                      "vision_config": {"model_type": "MOB"}})
+    with pytest.raises(ModelLoadError, match="model_type 'llava' is not an Eagle2 layout"):
+        parse_config({"model_type": "llava"})
+
+
+def test_tiny_is_written_deterministically(tiny_dir, tmp_path) -> None:
+    from service.engine.tiny import ensure_tiny
+
+    again = ensure_tiny(tmp_path)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tiny_dir, again)]
+        assert digest[0] == digest[1], name
+    cfg = read_config(again)
+    assert cfg.model_type == "eagle_chat" and cfg.patch_tokens == 256 and cfg.image_size == 448
