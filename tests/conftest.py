@@ -39,3 +39,37 @@ def engine(tiny):
     eng = NativeEngine(tiny, EngineSettings(max_running=16, max_queue=64))
     yield eng
     eng.drain(0)
+
+
+def make_engine(tiny, **kw):
+    from service.engine.scheduler import EngineSettings, NativeEngine
+
+    return NativeEngine(tiny, EngineSettings(**kw))
+
+
+@pytest.fixture(scope="session")
+def media_root(tmp_path_factory) -> Path:
+    import factory
+
+    root = tmp_path_factory.mktemp("media")
+    factory.video(root / "clip.mp4", seconds=4, fps=10)
+    (root / "photo.jpg").write_bytes(factory.encode(factory.photo(800, 600), "JPEG"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(tiny, media_root):
+    """A shared server over the tiny model, media root set, no auth."""
+    from dataclasses import replace
+
+    from harness import RunningServer
+    from preprocess.refs import RefPolicy
+    from service.engine.prepare import MediaSettings
+    from service.engine.scheduler import EngineSettings, NativeEngine
+
+    media = MediaSettings(refs=RefPolicy(media_roots=(media_root,)))
+    engine = NativeEngine(tiny, replace(EngineSettings(), media=media))
+    srv = RunningServer(engine, media_roots=(str(media_root),))
+    yield srv
+    srv.stop()
+    engine.drain(0)

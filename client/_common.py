@@ -1,0 +1,224 @@
+"""What the sync and asyncio clients share: request building, channel options, errors."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from eagle.v1 import chat_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Retries: UNAVAILABLE only (a warming, draining or restarting replica), never after the
+# first response, with exponential backoff.
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "eagle.v1.ChatService"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
+                    retries: bool = True) -> list[tuple[str, Any]]:
+    """Keepalive every 60 s (the server allows pings every 10 s), message sizes, retries."""
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.enable_retries", int(retries)),
+    ]
+    if retries:
+        opts.append(("grpc.service_config", SERVICE_CONFIG))
+    return opts
+
+
+def credentials(tls: bool, root_certificates: bytes | str | Path | None,
+                client_cert: bytes | str | Path | None,
+                client_key: bytes | str | Path | None) -> grpc.ChannelCredentials | None:
+    if not (tls or root_certificates or client_cert):
+        return None
+    return grpc.ssl_channel_credentials(_read(root_certificates), _read(client_key),
+                                        _read(client_cert))
+
+
+def _read(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class EagleError(Exception):
+    """A failed call. `code` is the grpc.StatusCode; `details` the server's message;
+    `field` the request field it names (when the server sent BadRequest details)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, field: str = "") -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field = field
+
+    @classmethod
+    def from_rpc(cls, err: grpc.RpcError, trailers: Iterable[tuple[str, Any]] = ()) -> EagleError:
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code, details or "", _bad_field(trailers))
+
+
+def _bad_field(trailers: Iterable[tuple[str, Any]]) -> str:
+    """The first BadRequest field violation, when google.rpc protos are installed."""
+    try:
+        from google.rpc import error_details_pb2, status_pb2
+    except ImportError:  # the light client install: the message still names the field
+        return ""
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad) and bad.field_violations:
+                    return bad.field_violations[0].field
+    return ""
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video by reference (`uri`: a path under the server's media roots, file:// or
+    http(s):// when allowed) or by bytes (`data`), with optional sampling."""
+
+    uri: str = ""
+    data: bytes = b""
+    num_frames: int = 0
+    start_seconds: float = 0.0
+    end_seconds: float = 0.0
+
+
+@dataclass
+class ChatResult:
+    """The whole reply with its finish reason, usage, timing and any context adjustments."""
+
+    request_id: str
+    text: str
+    finish_reason: str
+    usage: chat_pb2.Usage
+    timing: chat_pb2.Timing
+    adjustments: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_response(cls, r: chat_pb2.ChatResponse | chat_pb2.ChatChunk,
+                      text: str | None = None) -> ChatResult:
+        return cls(r.request_id, r.text if text is None else text,
+                   chat_pb2.FinishReason.Name(r.finish_reason).lower(), r.usage, r.timing,
+                   list(r.adjustments))
+
+    def to_dict(self) -> dict[str, Any]:
+        from google.protobuf.json_format import MessageToDict
+
+        return {"request_id": self.request_id, "text": self.text,
+                "finish_reason": self.finish_reason,
+                "usage": MessageToDict(self.usage, always_print_fields_with_no_presence=True,
+                                       preserving_proto_field_name=True),
+                "timing": MessageToDict(self.timing, always_print_fields_with_no_presence=True,
+                                        preserving_proto_field_name=True),
+                "adjustments": self.adjustments}
+
+
+ImageLike = bytes | str | os.PathLike | Any  # bytes, a path, or a PIL image
+VideoLike = Video | bytes | str
+
+
+def _image(img: ImageLike) -> chat_pb2.Image:
+    if isinstance(img, chat_pb2.Image):
+        return img
+    if isinstance(img, bytes | bytearray):
+        return chat_pb2.Image(data=bytes(img))
+    if isinstance(img, str | os.PathLike):
+        text = os.fspath(img)
+        if "://" in text:
+            return chat_pb2.Image(uri=text)
+        return chat_pb2.Image(data=Path(text).read_bytes())
+    if hasattr(img, "save"):  # a PIL image: sent as PNG
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return chat_pb2.Image(data=buf.getvalue())
+    raise TypeError(f"an image must be bytes, a path or a PIL image, not {type(img).__name__}")
+
+
+def _video(v: VideoLike) -> chat_pb2.Video:
+    if isinstance(v, chat_pb2.Video):
+        return v
+    if isinstance(v, bytes | bytearray):
+        return chat_pb2.Video(data=bytes(v))
+    if isinstance(v, str):
+        return chat_pb2.Video(uri=v)
+    if isinstance(v, Video):
+        pb = chat_pb2.Video(num_frames=v.num_frames, start_seconds=v.start_seconds,
+                            end_seconds=v.end_seconds)
+        if v.data:
+            pb.data = v.data
+        else:
+            pb.uri = v.uri
+        return pb
+    raise TypeError(f"a video must be a Video, bytes or a reference string, not "
+                    f"{type(v).__name__}")
+
+
+def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
+                  videos: Sequence[VideoLike] = (), system: str | None = None,
+                  history: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, repetition_penalty: float | None = None,
+                  seed: int | None = None, stop: Sequence[str] = (),
+                  max_tiles_per_image: int | None = None, max_video_frames: int | None = None,
+                  frame_timestamps: bool | None = None,
+                  request_id: str = "") -> chat_pb2.ChatRequest:
+    """A ChatRequest: optional system, (user, assistant) history pairs, then the new user
+    message with its images, videos and text in that order (as the upstream worker orders)."""
+    req = chat_pb2.ChatRequest(request_id=request_id)
+    if system is not None:
+        req.messages.add(role=chat_pb2.SYSTEM).parts.add(text=system)
+    for question, answer in history:
+        req.messages.add(role=chat_pb2.USER).parts.add(text=question)
+        req.messages.add(role=chat_pb2.ASSISTANT).parts.add(text=answer)
+    msg = req.messages.add(role=chat_pb2.USER)
+    for img in images:
+        msg.parts.add(image=_image(img))
+    for v in videos:
+        msg.parts.add(video=_video(v))
+    if text or not msg.parts:
+        msg.parts.add(text=text)
+    g = req.generation
+    if max_new_tokens is not None:
+        g.max_new_tokens = max_new_tokens
+    if temperature is not None:
+        g.temperature = temperature
+    if top_p is not None:
+        g.top_p = top_p
+    if top_k is not None:
+        g.top_k = top_k
+    if repetition_penalty is not None:
+        g.repetition_penalty = repetition_penalty
+    if seed is not None:
+        g.seed = seed
+    g.stop.extend(stop)
+    if max_tiles_per_image is not None:
+        req.vision.max_tiles_per_image = max_tiles_per_image
+    if max_video_frames is not None:
+        req.vision.max_video_frames = max_video_frames
+    if frame_timestamps is not None:
+        req.vision.frame_timestamps = frame_timestamps
+    return req

@@ -1,0 +1,86 @@
+"""AsyncEagleClient: the asyncio client, the same API as EagleClient with `await`."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from client._common import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, ChatResult, EagleError,
+                            build_request, channel_options, credentials, metadata)
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+
+
+class AsyncChatStream:
+    """`async for` the text deltas; `result` holds the final ChatResult afterwards."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._parts: list[str] = []
+        self.result: ChatResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            async for chunk in self._call:
+                if chunk.text:
+                    self._parts.append(chunk.text)
+                    yield chunk.text
+                if chunk.finish_reason:
+                    self.result = ChatResult.from_response(chunk, "".join(self._parts))
+        except grpc.RpcError as err:
+            raise EagleError.from_rpc(err, await self._call.trailing_metadata()) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncEagleClient:
+    """asyncio client for eagle.v1.ChatService; use `async with`."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 tls: bool = False, root_certificates: bytes | str | Path | None = None,
+                 client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None, timeout: float = 120.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True) -> None:
+        creds = credentials(tls, root_certificates, client_cert, client_key)
+        opts = channel_options(max_message_bytes, retries)
+        self._channel = (grpc.aio.secure_channel(target, creds, opts) if creds
+                         else grpc.aio.insecure_channel(target, opts))
+        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._metadata = metadata(token)
+        self.timeout = timeout
+
+    async def chat(self, text: str = "", *, timeout: float | None = None,
+                   **kwargs: Any) -> ChatResult:
+        """One reply, whole (see EagleClient.chat for the arguments)."""
+        call = self._stub.Chat(build_request(text, **kwargs), timeout=timeout or self.timeout,
+                               metadata=self._metadata)
+        try:
+            return ChatResult.from_response(await call)
+        except grpc.RpcError as err:
+            raise EagleError.from_rpc(err, await call.trailing_metadata()) from None
+
+    def stream_chat(self, text: str = "", *, timeout: float | None = None,
+                    **kwargs: Any) -> AsyncChatStream:
+        """The reply as it is generated: `async for delta in client.stream_chat(...)`."""
+        call = self._stub.StreamChat(build_request(text, **kwargs),
+                                     timeout=timeout or self.timeout, metadata=self._metadata)
+        return AsyncChatStream(call)
+
+    async def model_info(self, timeout: float | None = None) -> chat_pb2.ModelInfo:
+        call = self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
+                                       timeout=timeout or self.timeout, metadata=self._metadata)
+        try:
+            return await call
+        except grpc.RpcError as err:
+            raise EagleError.from_rpc(err, await call.trailing_metadata()) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncEagleClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

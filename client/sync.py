@@ -1,0 +1,95 @@
+"""EagleClient: the blocking client (a context manager; a timeout on every call)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from client._common import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, ChatResult, EagleError,
+                            build_request, channel_options, credentials, metadata)
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+
+
+class ChatStream:
+    """Iterate for text deltas; `result` holds the final ChatResult once the stream ends.
+
+    `cancel()` stops generation on the server at its next step.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._parts: list[str] = []
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for chunk in self._call:
+                if chunk.text:
+                    self._parts.append(chunk.text)
+                    yield chunk.text
+                if chunk.finish_reason:
+                    self.result = ChatResult.from_response(chunk, "".join(self._parts))
+        except grpc.RpcError as err:
+            raise EagleError.from_rpc(err, err.trailing_metadata()) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class EagleClient:
+    """Blocking client for eagle.v1.ChatService.
+
+    >>> with EagleClient("127.0.0.1:50051") as client:
+    ...     print(client.chat("What is in this picture?", images=["photo.jpg"]).text)
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 tls: bool = False, root_certificates: bytes | str | Path | None = None,
+                 client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None, timeout: float = 120.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True) -> None:
+        creds = credentials(tls, root_certificates, client_cert, client_key)
+        opts = channel_options(max_message_bytes, retries)
+        self._channel = (grpc.secure_channel(target, creds, opts) if creds
+                         else grpc.insecure_channel(target, opts))
+        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._metadata = metadata(token)
+        self.timeout = timeout
+
+    def chat(self, text: str = "", *, timeout: float | None = None, **kwargs: Any) -> ChatResult:
+        """One reply, whole. Takes the arguments of `build_request` (images, videos, system,
+        history, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
+        max_tiles_per_image, max_video_frames, frame_timestamps, request_id)."""
+        req = build_request(text, **kwargs)
+        try:
+            resp = self._stub.Chat(req, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise EagleError.from_rpc(err, err.trailing_metadata()) from None
+        return ChatResult.from_response(resp)
+
+    def stream_chat(self, text: str = "", *, timeout: float | None = None,
+                    **kwargs: Any) -> ChatStream:
+        """The reply as it is generated: iterate the returned ChatStream for text deltas."""
+        req = build_request(text, **kwargs)
+        call = self._stub.StreamChat(req, timeout=timeout or self.timeout,
+                                     metadata=self._metadata)
+        return ChatStream(call)
+
+    def model_info(self, timeout: float | None = None) -> chat_pb2.ModelInfo:
+        try:
+            return self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
+                                           timeout=timeout or self.timeout,
+                                           metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise EagleError.from_rpc(err, err.trailing_metadata()) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EagleClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,231 @@
+"""The one place that maps protobuf to domain objects and back, validating every field."""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from eagle.v1 import chat_pb2
+from service.engine.job import (ChatJob, ChatMessage, Finished, FinishReason, ImagePart, Role,
+                                SamplingParams, TextPart, Timing, Usage, VideoPart, VisionParams)
+from service.errors import RequestError
+from service.settings import Settings
+
+_ROLES = {chat_pb2.SYSTEM: Role.SYSTEM, chat_pb2.USER: Role.USER,
+          chat_pb2.ASSISTANT: Role.ASSISTANT}
+_FINISH = {FinishReason.STOP: chat_pb2.STOP, FinishReason.LENGTH: chat_pb2.LENGTH}
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_TOP_K = 8, 64, 1000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request limits the converters enforce (a view of Settings)."""
+
+    max_messages: int
+    max_parts: int
+    max_text_chars: int
+    max_images: int
+    max_image_bytes: int
+    max_tiles_per_image: int
+    max_videos: int
+    max_video_frames: int
+    default_video_frames: int
+    max_video_bytes: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+    default_temperature: float
+    model_max_tiles: int = 12
+
+    @classmethod
+    def from_settings(cls, s: Settings, model_max_tiles: int = 12) -> Limits:
+        return cls(s.max_messages, s.max_parts, s.max_text_chars, s.max_images,
+                   s.max_image_bytes, s.max_tiles_per_image, s.max_videos, s.max_video_frames,
+                   s.default_video_frames, s.max_video_bytes, s.max_new_tokens,
+                   s.default_max_new_tokens, s.default_temperature, model_max_tiles)
+
+
+def request_id(request: chat_pb2.ChatRequest) -> str:
+    """The caller's id when valid, a fresh one when empty."""
+    rid = request.request_id
+    if not rid:
+        return uuid.uuid4().hex
+    if len(rid) > 128 or not all(32 < ord(c) < 127 for c in rid):
+        raise RequestError("request_id", "must be at most 128 printable ASCII characters "
+                                         "without spaces")
+    return rid
+
+
+def to_job(request: chat_pb2.ChatRequest, limits: Limits, rid: str,
+           timeout_s: float | None = None) -> ChatJob:
+    """Validate a ChatRequest and build the engine's ChatJob. Raises RequestError(field, why)."""
+    messages = _messages(request, limits)
+    return ChatJob(
+        request_id=rid,
+        messages=messages,
+        sampling=_sampling(request.generation, limits),
+        vision=_vision(request.vision, limits),
+        deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+    )
+
+
+def _messages(request: chat_pb2.ChatRequest, limits: Limits) -> tuple[ChatMessage, ...]:
+    msgs = request.messages
+    if not msgs:
+        raise RequestError("messages", "at least one user message is required")
+    if len(msgs) > limits.max_messages:
+        raise RequestError("messages", f"{len(msgs)} messages, over the limit of "
+                                       f"{limits.max_messages}")
+    out: list[ChatMessage] = []
+    counts = {"parts": 0, "chars": 0, "images": 0, "videos": 0}
+    expected = Role.USER
+    for i, msg in enumerate(msgs):
+        path = f"messages[{i}]"
+        role = _ROLES.get(msg.role)
+        if role is None:
+            raise RequestError(f"{path}.role", "must be SYSTEM, USER or ASSISTANT")
+        if role is Role.SYSTEM:
+            if i != 0:
+                raise RequestError(f"{path}.role", "a SYSTEM message may only come first")
+        elif role is not expected:
+            raise RequestError(f"{path}.role", f"expected {expected.name}: after the optional "
+                                               f"system message, USER and ASSISTANT alternate, "
+                                               f"starting with USER")
+        else:
+            expected = Role.ASSISTANT if role is Role.USER else Role.USER
+        if not msg.parts:
+            raise RequestError(f"{path}.parts", "a message needs at least one part")
+        parts = tuple(_part(p, role, f"{path}.parts[{j}]", limits, counts)
+                      for j, p in enumerate(msg.parts))
+        out.append(ChatMessage(role, parts))
+    if out[-1].role is not Role.USER:
+        raise RequestError(f"messages[{len(msgs) - 1}].role",
+                           "the last message must be from the USER")
+    return tuple(out)
+
+
+def _part(part: chat_pb2.Part, role: Role, path: str, limits: Limits,
+          counts: dict[str, int]) -> TextPart | ImagePart | VideoPart:
+    counts["parts"] += 1
+    if counts["parts"] > limits.max_parts:
+        raise RequestError(path, f"more than {limits.max_parts} parts in the request, the limit")
+    kind = part.WhichOneof("kind")
+    if kind is None:
+        raise RequestError(path, "the part has no text, image or video")
+    if kind != "text" and role is not Role.USER:
+        raise RequestError(f"{path}.{kind}", f"{kind}s are allowed in USER messages only")
+    if kind == "text":
+        counts["chars"] += len(part.text)
+        if counts["chars"] > limits.max_text_chars:
+            raise RequestError(f"{path}.text", f"the request's text is over the "
+                                               f"{limits.max_text_chars:,}-character limit")
+        return TextPart(part.text)
+    if kind == "image":
+        counts["images"] += 1
+        img = part.image
+        where = f"{path}.image"
+        if counts["images"] > limits.max_images:
+            raise RequestError(where, f"more than {limits.max_images} images in the request, "
+                                      f"the limit")
+        source = img.WhichOneof("source")
+        if source is None or (source == "data" and not img.data) or (source == "uri"
+                                                                     and not img.uri):
+            raise RequestError(where, "the image has neither data nor uri")
+        if len(img.data) > limits.max_image_bytes:
+            raise RequestError(f"{where}.data", f"the image is {len(img.data):,} bytes, over the "
+                                                f"{limits.max_image_bytes:,}-byte limit")
+        return ImagePart(data=img.data, uri=img.uri, field=where)
+    counts["videos"] += 1
+    video = part.video
+    where = f"{path}.video"
+    if counts["videos"] > limits.max_videos:
+        raise RequestError(where, f"more than {limits.max_videos} videos in the request, the limit")
+    source = video.WhichOneof("source")
+    if source is None or (source == "data" and not video.data) or (source == "uri"
+                                                                   and not video.uri):
+        raise RequestError(where, "the video has neither uri nor data")
+    if len(video.data) > limits.max_video_bytes:
+        raise RequestError(f"{where}.data", f"the video is {len(video.data):,} bytes, over the "
+                                            f"{limits.max_video_bytes:,}-byte limit")
+    if video.num_frames > limits.max_video_frames:
+        raise RequestError(f"{where}.num_frames", f"{video.num_frames} frames, over the limit "
+                                                  f"of {limits.max_video_frames}")
+    for name in ("start_seconds", "end_seconds"):
+        value = getattr(video, name)
+        if not math.isfinite(value) or value < 0:
+            raise RequestError(f"{where}.{name}", f"must be a finite number >= 0, got {value}")
+    if video.end_seconds and video.end_seconds <= video.start_seconds:
+        raise RequestError(f"{where}.end_seconds", f"must be after start_seconds "
+                                                   f"({video.start_seconds}), got "
+                                                   f"{video.end_seconds}")
+    return VideoPart(uri=video.uri, data=video.data, num_frames=video.num_frames,
+                     start_seconds=video.start_seconds, end_seconds=video.end_seconds, field=where)
+
+
+def _sampling(g: chat_pb2.GenerationConfig, limits: Limits) -> SamplingParams:
+    max_new = g.max_new_tokens or limits.default_max_new_tokens
+    if max_new > limits.max_new_tokens:
+        raise RequestError("generation.max_new_tokens", f"{g.max_new_tokens} is over the "
+                                                        f"limit of {limits.max_new_tokens}")
+    temperature = g.temperature if g.HasField("temperature") else limits.default_temperature
+    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise RequestError("generation.temperature", f"must be between 0 and 2, got {temperature}")
+    top_p = g.top_p if g.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise RequestError("generation.top_p", f"must be in (0, 1], got {top_p}")
+    if g.top_k > MAX_TOP_K:
+        raise RequestError("generation.top_k", f"{g.top_k} is over the limit of {MAX_TOP_K}")
+    penalty = g.repetition_penalty if g.HasField("repetition_penalty") else 1.0
+    if not (math.isfinite(penalty) and 0 < penalty <= 2):
+        raise RequestError("generation.repetition_penalty", f"must be in (0, 2], got {penalty}")
+    if len(g.stop) > MAX_STOP_STRINGS:
+        raise RequestError("generation.stop", f"{len(g.stop)} stop strings, over the limit of "
+                                              f"{MAX_STOP_STRINGS}")
+    for k, s in enumerate(g.stop):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise RequestError(f"generation.stop[{k}]", f"must be 1 to {MAX_STOP_CHARS} "
+                                                        f"characters, got {len(s)}")
+    return SamplingParams(max_new_tokens=max_new, temperature=float(temperature),
+                          top_p=float(top_p), top_k=g.top_k, repetition_penalty=float(penalty),
+                          seed=g.seed if g.HasField("seed") else None, stop=tuple(g.stop))
+
+
+def _vision(v: chat_pb2.VisionConfig, limits: Limits) -> VisionParams:
+    tiles = v.max_tiles_per_image or limits.model_max_tiles
+    if tiles > limits.max_tiles_per_image:
+        raise RequestError("vision.max_tiles_per_image", f"{tiles} is over the limit of "
+                                                         f"{limits.max_tiles_per_image}")
+    frames = v.max_video_frames or limits.default_video_frames
+    if frames > limits.max_video_frames:
+        raise RequestError("vision.max_video_frames", f"{frames} is over the limit of "
+                                                      f"{limits.max_video_frames}")
+    stamps = v.frame_timestamps if v.HasField("frame_timestamps") else True
+    return VisionParams(max_tiles_per_image=tiles, max_video_frames=frames,
+                        frame_timestamps=stamps)
+
+
+def usage_pb(u: Usage) -> chat_pb2.Usage:
+    return chat_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                          vision_tokens=u.vision_tokens, image_tiles=u.image_tiles,
+                          video_frames=u.video_frames)
+
+
+def timing_pb(t: Timing) -> chat_pb2.Timing:
+    return chat_pb2.Timing(queue_ms=t.queue_ms, preprocess_ms=t.preprocess_ms,
+                           prefill_ms=t.prefill_ms, decode_ms=t.decode_ms)
+
+
+def to_response(rid: str, done: Finished) -> chat_pb2.ChatResponse:
+    return chat_pb2.ChatResponse(request_id=rid, text=done.text,
+                                 finish_reason=_FINISH[done.reason], usage=usage_pb(done.usage),
+                                 timing=timing_pb(done.timing), adjustments=done.adjustments)
+
+
+def delta_chunk(rid: str, text: str) -> chat_pb2.ChatChunk:
+    return chat_pb2.ChatChunk(request_id=rid, text=text)
+
+
+def final_chunk(rid: str, done: Finished, text: str = "") -> chat_pb2.ChatChunk:
+    return chat_pb2.ChatChunk(request_id=rid, text=text, finish_reason=_FINISH[done.reason],
+                              usage=usage_pb(done.usage), timing=timing_pb(done.timing),
+                              adjustments=done.adjustments)

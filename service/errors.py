@@ -1,0 +1,73 @@
+"""One table from domain errors to gRPC status codes, and the rich status built from them."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from preprocess.errors import (ContextOverflow, MediaError, PreprocessError, ReferenceDenied,
+                               ReferenceNotFound)
+from service.engine.job import EngineError
+
+log = logging.getLogger(__name__)
+
+_PREPROCESS = {
+    MediaError: grpc.StatusCode.INVALID_ARGUMENT,
+    ContextOverflow: grpc.StatusCode.INVALID_ARGUMENT,
+    ReferenceNotFound: grpc.StatusCode.NOT_FOUND,
+    ReferenceDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+_ENGINE = {name: getattr(grpc.StatusCode, name) for name in (
+    "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED",
+    "INTERNAL", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED")}
+
+
+class RequestError(Exception):
+    """A request field that fails validation: INVALID_ARGUMENT naming the field."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = f"{field}: {message}"
+
+
+def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(status code, message, field) for any exception; unknown ones are INTERNAL and logged."""
+    if isinstance(exc, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, exc.message, exc.field
+    if isinstance(exc, PreprocessError):
+        for kind, code in _PREPROCESS.items():
+            if isinstance(exc, kind):
+                return code, exc.message, exc.field
+    if isinstance(exc, EngineError):
+        return _ENGINE.get(exc.code, grpc.StatusCode.INTERNAL), exc.message, exc.field
+    log.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged", ""
+
+
+def rich_status(code: grpc.StatusCode, message: str, field: str = "",
+                retry_ms: int = 0) -> grpc.Status:
+    """A google.rpc.Status with BadRequest (the field) or RetryInfo (overload) attached."""
+    details = []
+    if field:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])
+        details.append(_pack(bad))
+    if retry_ms:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromMilliseconds(retry_ms)
+        details.append(_pack(info))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message,
+                               details=details)
+    return rpc_status.to_status(status)
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the server and the engine, served over HTTP on their own port."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """All series live in one registry owned by this object (tests make their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter("eagle_requests", "RPCs by method and final status code",
+                                ["method", "code"], registry=r)
+        self.ttft = Histogram("eagle_time_to_first_token_seconds",
+                              "Time from request to first text delta", buckets=_LATENCY,
+                              registry=r)
+        self.latency = Histogram("eagle_request_seconds", "End-to-end RPC time", ["method"],
+                                 buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("eagle_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("eagle_completion_tokens", "Tokens generated",
+                                         registry=r)
+        self.vision_tiles = Counter("eagle_vision_tiles", "Image tiles and video frames encoded",
+                                    registry=r)
+        self.active = Gauge("eagle_rpcs_active", "Chat RPCs in progress", registry=r)
+        self.queue_depth = Gauge("eagle_queue_depth", "Jobs waiting for the running batch",
+                                 registry=r)
+        self.batch_size = Gauge("eagle_running_batch_size", "Jobs in the running batch",
+                                registry=r)
+        self.in_flight = Gauge("eagle_jobs_in_flight", "Jobs accepted and not yet finished",
+                               registry=r)
+
+    def bind_engine(self, engine) -> None:
+        """Read the engine's gauges at scrape time."""
+        self.queue_depth.set_function(lambda: engine.stats()["waiting"])
+        self.batch_size.set_function(lambda: engine.stats()["running"])
+        self.in_flight.set_function(lambda: engine.stats()["in_flight"])
+
+    def serve(self, host: str, port: int):
+        """Start the /metrics HTTP server; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

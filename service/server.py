@@ -1,0 +1,123 @@
+"""Build, start, warm up and gracefully stop the gRPC server around an engine."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+from service.converters import Limits
+from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingParams, TextPart
+from service.interceptors import AuthInterceptor
+from service.metrics import Metrics
+from service.servicer import ChatServicer, ServingState
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+def server_options(s: Settings) -> list[tuple[str, int]]:
+    """Message size and keepalive settings; the client library uses matching ones."""
+    return [
+        ("grpc.max_receive_message_length", s.max_request_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", s.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", s.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", s.min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", s.max_ping_strikes),
+    ]
+
+
+class EagleServer:
+    """The grpc.aio server with the chat service, health and reflection over one engine."""
+
+    def __init__(self, settings: Settings, engine, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.metrics.bind_engine(engine)
+        self.state = ServingState()
+        self.health = health.aio.HealthServicer()
+        interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors,
+                                      options=server_options(settings))
+        limits = Limits.from_settings(settings, engine.info().max_tiles_per_image)
+        self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
+                                     {"max_request_bytes": settings.max_request_bytes})
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self._bind()
+
+    def _bind(self) -> int:
+        s = self.settings
+        if not s.tls:
+            return self.server.add_insecure_port(s.address)
+        key, cert = Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes()
+        ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                            require_client_auth=ca is not None)
+        return self.server.add_secure_port(s.address, creds)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Listen at once, NOT_SERVING until the warm-up request has gone through the model."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.settings.warmup:
+            await asyncio.to_thread(warm_up, self.engine)
+        self.state.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"address": self.settings.address, "port": self.port})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let running ones finish within `grace`."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.state.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.engine.drain, 0)
+        log.info("stopped")
+
+
+def warm_up(engine) -> None:
+    """One small image-and-text request through the whole engine path."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((448, 448, 3), 127, np.uint8)).save(buf, "PNG")
+    job = ChatJob("warm-up", (ChatMessage(Role.USER, (ImagePart(data=buf.getvalue()),
+                                                      TextPart("warm-up"))),),
+                  SamplingParams(max_new_tokens=2))
+    for _ in engine.submit(job):
+        pass
+
+
+async def serve(settings: Settings, engine, metrics: Metrics | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain within the grace period; returns the exit code."""
+    app = EagleServer(settings, engine, metrics)
+    if settings.metrics_port:
+        app.metrics.serve(settings.metrics_host, settings.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(app.start())
+    await stop.wait()
+    log.info("signal received: draining", extra={"grace_s": settings.grace_seconds})
+    if not starting.done():
+        starting.cancel()
+    await app.stop()
+    return 0

@@ -1,0 +1,146 @@
+"""The ChatService servicer: convert the request, one engine call, convert the result."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+from service import __version__, converters, logs
+from service.engine.job import Delta, Finished, Unavailable
+from service.engine.scheduler import Engine
+from service.errors import classify, rich_status
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingState:
+    """Whether new requests are taken: false while warming up and while draining."""
+
+    ready: bool = False
+    draining: bool = False
+
+    def check(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if not self.ready:
+            raise Unavailable("the server is warming up; retry shortly")
+
+
+class _Call:
+    """Bookkeeping of one Chat/StreamChat RPC: id, timing, metrics, cancellation, one log line."""
+
+    def __init__(self, owner: ChatServicer, method: str, context: grpc.aio.ServicerContext):
+        self.owner, self.method, self.context = owner, method, context
+        self.start = time.monotonic()
+        self.code = "CANCELLED"  # until proven otherwise: a client that goes away
+        self.rid = ""
+        self.stream = None
+        self.first = 0.0
+        self.done: Finished | None = None
+        self._token = None
+
+    def submit(self, request: chat_pb2.ChatRequest):
+        self.owner.metrics.active.inc()
+        self.rid = converters.request_id(request)
+        self._token = logs.request_id.set(self.rid)
+        self.owner.state.check()
+        job = converters.to_job(request, self.owner.limits, self.rid,
+                                self.context.time_remaining())
+        self.stream = self.owner.engine.submit(job)
+        return self.stream
+
+    def saw_text(self) -> None:
+        if not self.first:
+            self.first = time.monotonic()
+            self.owner.metrics.ttft.observe(self.first - self.start)
+
+    def finished(self, done: Finished) -> None:
+        self.done, self.code = done, "OK"
+        m = self.owner.metrics
+        m.prompt_tokens.inc(done.usage.prompt_tokens)
+        m.completion_tokens.inc(done.usage.completion_tokens)
+        m.vision_tiles.inc(done.usage.image_tiles + done.usage.video_frames)
+
+    async def fail(self, exc: Exception) -> None:
+        code, message, field = classify(exc)
+        self.code = code.name
+        retry = 1000 if code in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 grpc.StatusCode.UNAVAILABLE) else 0
+        await self.context.abort_with_status(rich_status(code, message, field, retry))
+
+    def close(self) -> None:
+        if self.stream is not None and not self.stream.done.is_set():
+            self.stream.cancel()  # the client went away or the deadline hit: free the job
+            self.owner.engine.cancel(self.rid)
+        elapsed = time.monotonic() - self.start
+        m = self.owner.metrics
+        m.active.dec()
+        m.requests.labels(self.method, self.code).inc()
+        m.latency.labels(self.method).observe(elapsed)
+        extra = {"method": self.method, "code": self.code, "ms": round(elapsed * 1000, 1)}
+        if self.done is not None:
+            extra.update(prompt_tokens=self.done.usage.prompt_tokens,
+                         completion_tokens=self.done.usage.completion_tokens)
+        log.info("rpc done", extra=extra)
+        if self._token is not None:
+            logs.request_id.reset(self._token)
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    """Thin: every rule lives in converters, the engine and the error table."""
+
+    def __init__(self, engine: Engine, limits: converters.Limits, metrics: Metrics,
+                 state: ServingState, info: dict[str, int]) -> None:
+        self.engine, self.limits, self.metrics, self.state = engine, limits, metrics, state
+        self.info = info
+
+    async def Chat(self, request: chat_pb2.ChatRequest,  # noqa: N802 (the contract's name)
+                   context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
+        call = _Call(self, "Chat", context)
+        try:
+            async for event in call.submit(request):
+                if isinstance(event, Finished):
+                    call.finished(event)
+                    return converters.to_response(call.rid, event)
+                call.saw_text()
+            raise RuntimeError("the engine ended a job without a final event")
+        except Exception as exc:  # mapped once, in service.errors
+            await call.fail(exc)
+        finally:
+            call.close()
+
+    async def StreamChat(self, request: chat_pb2.ChatRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
+        call = _Call(self, "StreamChat", context)
+        try:
+            async for event in call.submit(request):
+                if isinstance(event, Delta):
+                    call.saw_text()
+                    yield converters.delta_chunk(call.rid, event.text)
+                else:
+                    call.finished(event)
+                    yield converters.final_chunk(call.rid, event)
+                    return
+            raise RuntimeError("the engine ended a job without a final event")
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            call.close()
+
+    async def GetModelInfo(self, request: chat_pb2.GetModelInfoRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> chat_pb2.ModelInfo:
+        info = self.engine.info()
+        return chat_pb2.ModelInfo(
+            model_name=info.model_name, model_type=info.model_type,
+            context_length=info.context_length, tokens_per_tile=info.tokens_per_tile,
+            tile_size=info.tile_size, max_tiles_per_image=self.limits.max_tiles_per_image,
+            max_video_frames=self.limits.max_video_frames,
+            max_images_per_request=self.limits.max_images,
+            max_new_tokens=self.limits.max_new_tokens, device=info.device,
+            max_request_bytes=self.info["max_request_bytes"], server_version=__version__)

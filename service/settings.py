@@ -1,0 +1,160 @@
+"""Typed server settings from flags and EAGLE_* environment variables, built once at start-up."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the server, with its default. Flags override EAGLE_<NAME> variables."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = "tiny"
+    device: str = "auto"
+    cache_dir: str = ""
+    # capacity
+    max_running: int = 16
+    max_queue: int = 64
+    max_batch_tokens: int = 262_144
+    preprocess_workers: int = 2
+    # limits per request
+    max_request_bytes: int = 64 * MiB
+    max_messages: int = 64
+    max_parts: int = 128
+    max_text_chars: int = 200_000
+    max_images: int = 16
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 64_000_000
+    max_tiles_per_image: int = 40
+    max_videos: int = 4
+    max_video_frames: int = 64
+    default_video_frames: int = 32
+    max_video_bytes: int = 512 * MiB
+    max_video_seconds: float = 3 * 3600.0
+    video_timeout_s: float = 60.0
+    max_new_tokens: int = 4096
+    default_max_new_tokens: int = 512
+    default_temperature: float = 0.0
+    # media references
+    media_roots: tuple[str, ...] = ()
+    allow_urls: bool = False
+    # security
+    auth_token: str = field(default="", repr=False)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    # operations
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    grace_seconds: float = 30.0
+    warmup: bool = True
+    log_format: str = "json"
+    log_level: str = "INFO"
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    min_ping_interval_ms: int = 10_000
+    max_ping_strikes: int = 2
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+    def describe(self) -> dict[str, object]:
+        """The settings for the start-up log, secrets masked."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "auth_token":
+                value = "***" if value else ""
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def check(self) -> None:
+        """Refuse combinations that would be unsafe or cannot work, saying what to change."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        if not self.tls and not loopback and not self.insecure:
+            raise ValueError(f"refusing to serve plaintext on {self.host}: give --tls-cert and "
+                             f"--tls-key, or --insecure when a mesh sidecar terminates TLS")
+        for root in self.media_roots:
+            if not Path(root).is_dir():
+                raise ValueError(f"media root {root!r} is not a directory")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("--default-max-new-tokens is above --max-new-tokens")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(kind: type, text: str) -> object:
+    if kind is bool:
+        return _parse_bool(text)
+    if kind is tuple:
+        return tuple(p for p in text.split(os.pathsep) if p)
+    return kind(text)
+
+
+def _kind(default: object) -> type:
+    return type(default)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eagle-serve", description="Serve Eagle2 over gRPC.")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.name == "media_roots":
+            p.add_argument("--media-root", dest="media_roots", action="append", default=None,
+                           help="folder that video/image references may point into (repeatable)")
+        elif isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, default=None, type=_parse_bool, nargs="?",
+                           const=True, help=f"(default {default}; env EAGLE_{f.name.upper()})")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, type=_kind(default),
+                           help=f"(default {default!r}; env EAGLE_{f.name.upper()})")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token (safer than a flag or variable)")
+    return p
+
+
+def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, then EAGLE_* variables, then flags."""
+    env = dict(os.environ if env is None else env)
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = env.get(f"EAGLE_{f.name.upper()}")
+        if raw is not None:
+            try:
+                values[f.name] = _convert(_kind(f.default), raw)
+            except ValueError:
+                raise ValueError(f"EAGLE_{f.name.upper()}={raw!r} is not a valid "
+                                 f"{_kind(f.default).__name__}") from None
+    args = parser().parse_args(argv)
+    for f in fields(Settings):
+        value = getattr(args, f.name)
+        if value is not None:
+            values[f.name] = tuple(value) if f.name == "media_roots" else value
+    if args.auth_token_file:
+        values["auth_token"] = Path(args.auth_token_file).read_text().strip()
+    settings = Settings(**values)
+    settings.check()
+    return settings
