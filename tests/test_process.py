@@ -1,0 +1,187 @@
+"""The server as a process (SIGTERM drain, exit 0), the CLI as a process, metrics and logs."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import EagleClient
+from conftest import ROOT
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+from service import logs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "protos"),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+def _wait_serving(target: str, proc: subprocess.Popen, limit: float = 120) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early: {proc.stderr.read()}")
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become SERVING")
+
+
+def test_sigterm_drains_a_running_stream_then_exits_0(tiny_dir) -> None:
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--cache-dir",
+         str(tiny_dir.parent), "--grace-seconds", "30", "--log-format", "json"],
+        env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        _wait_serving(target, proc)
+        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=1500))
+        req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
+        stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
+            req, timeout=60)
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        fresh = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(
+            target, options=[("grpc.enable_retries", 0)]))
+        with pytest.raises(grpc.RpcError) as refused:
+            fresh.Chat(req, timeout=5)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        chunks += list(stream)
+        assert chunks[-1].finish_reason == chat_pb2.LENGTH
+        assert chunks[-1].usage.completion_tokens == 1500
+        assert proc.wait(timeout=60) == 0
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines()
+                 if line.startswith("{")]
+        assert any(line["msg"] == "signal received: draining" for line in lines)
+        settings = next(line["settings"] for line in lines if line["msg"] == "settings")
+        assert settings["grace_seconds"] == 30.0 and settings["auth_token"] == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_streams_prints_json_and_reports_errors(server, media_root) -> None:
+    cli = [sys.executable, "-m", "client.cli", "--server", server.target]
+    photo = str(media_root / "photo.jpg")
+    streamed = subprocess.run(cli + ["--image", photo, "--max-tokens", "6", "--usage",
+                                     "What is in this picture?"],
+                              env=_env(), capture_output=True, text=True, timeout=120)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.endswith("\n") and len(streamed.stdout) > 1
+    assert "[length] prompt" in streamed.stderr and "completion 6" in streamed.stderr
+    as_json = subprocess.run(cli + ["--json", "--max-tokens", "4", "--video", "clip.mp4",
+                                    "--frames", "4", "Describe"],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["finish_reason"] == "length" and data["usage"]["video_frames"] == 4
+    assert data["usage"]["completion_tokens"] == 4
+    bad = subprocess.run(cli + ["--max-tokens", "999999", "hi"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == ("eagle-chat: INVALID_ARGUMENT: generation.max_new_tokens: "
+                                  "999999 is over the limit of 4096 "
+                                  "(field generation.max_new_tokens)")
+
+
+def test_metrics_endpoint_and_request_id_in_logs(server) -> None:
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.addFilter(logs._RequestIdFilter())  # noqa: SLF001 (the filter logs.setup installs)
+    handler.setFormatter(logs.JsonFormatter())
+    logging.getLogger("service").addHandler(handler)
+    logging.getLogger("service").setLevel(logging.INFO)
+    try:
+        with EagleClient(server.target) as client:
+            client.chat("hello", max_new_tokens=3, request_id="trace-42")
+    finally:
+        logging.getLogger("service").removeHandler(handler)
+    records = [json.loads(line) for line in buf.getvalue().splitlines()]
+    done = [r for r in records if r.get("request_id") == "trace-42" and r["msg"] == "rpc done"]
+    assert done and done[0]["method"] == "Chat" and done[0]["code"] == "OK"
+    assert done[0]["completion_tokens"] == 3
+    port = _free_port()
+    httpd, _ = server.app.metrics.serve("127.0.0.1", port)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        httpd.shutdown()
+    for series in ('eagle_requests_total{code="OK",method="Chat"}',
+                   "eagle_time_to_first_token_seconds_count", "eagle_request_seconds_bucket",
+                   "eagle_completion_tokens_total", "eagle_queue_depth",
+                   "eagle_running_batch_size", "eagle_vision_tiles_total"):
+        assert series in text, series
+
+
+NODE_CLIENT = r"""
+const grpc = require('@grpc/grpc-js');
+const loader = require('@grpc/proto-loader');
+const fs = require('fs');
+const [protoDir, target, imagePath] = process.argv.slice(2);
+const def = loader.loadSync('eagle/v1/chat.proto', {includeDirs: [protoDir], keepCase: true,
+  longs: Number, enums: String, defaults: true});
+const eagle = grpc.loadPackageDefinition(def).eagle.v1;
+const client = new eagle.ChatService(target, grpc.credentials.createInsecure());
+const request = {messages: [{role: 'USER', parts: [{image: {data: fs.readFileSync(imagePath)}},
+  {text: 'What is in this picture?'}]}], generation: {max_new_tokens: 5}};
+client.Chat(request, (err, reply) => {
+  if (err) { console.error(err); process.exit(1); }
+  const chunks = [];
+  const call = client.StreamChat(request);
+  call.on('data', (c) => chunks.push(c));
+  call.on('error', (e) => { console.error(e); process.exit(1); });
+  call.on('end', () => {
+    console.log(JSON.stringify({chat: reply, streamed: chunks.map((c) => c.text).join(''),
+      last: chunks[chunks.length - 1]}));
+  });
+});
+"""
+
+
+def test_a_nodejs_client_calls_chat_and_stream_chat(server, media_root, tmp_path) -> None:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not (node and npm):
+        pytest.skip("node and npm are not installed: the Node.js client check needs them")
+    install = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund",
+                              "@grpc/grpc-js@1", "@grpc/proto-loader@0.7"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    (tmp_path / "client.js").write_text(NODE_CLIENT)
+    run = subprocess.run([node, "client.js", str(ROOT / "protos"), server.target,
+                          str(media_root / "photo.jpg")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["chat"]["finish_reason"] == "LENGTH"
+    assert out["chat"]["usage"]["completion_tokens"] == 5
+    assert out["chat"]["usage"]["image_tiles"] == 13
+    assert out["streamed"] == out["chat"]["text"]
+    assert out["last"]["finish_reason"] == "LENGTH"
