@@ -187,7 +187,8 @@ def _sampling(g: chat_pb2.GenerationConfig, limits: Limits) -> SamplingParams:
                                                         f"characters, got {len(s)}")
     return SamplingParams(max_new_tokens=max_new, temperature=float(temperature),
                           top_p=float(top_p), top_k=g.top_k, repetition_penalty=float(penalty),
-                          seed=g.seed if g.HasField("seed") else None, stop=tuple(g.stop))
+                          seed=g.seed if g.HasField("seed") else None, stop=tuple(g.stop),
+                          ignore_eos=g.ignore_eos)
 
 
 def _vision(v: chat_pb2.VisionConfig, limits: Limits) -> VisionParams:

@@ -62,7 +62,8 @@ def test_sigterm_drains_a_running_stream_then_exits_0(tiny_dir) -> None:
         env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         _wait_serving(target, proc)
-        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=1500))
+        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=1500,
+                                                                        ignore_eos=True))
         req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
         stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
             req, timeout=60)

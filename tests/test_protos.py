@@ -38,7 +38,7 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
     assert fields["Part"] == ["text", "image", "video"]
     assert fields["Video"] == ["uri", "data", "num_frames", "start_seconds", "end_seconds"]
     assert fields["GenerationConfig"] == ["max_new_tokens", "temperature", "top_p", "top_k",
-                                          "repetition_penalty", "seed", "stop"]
+                                          "repetition_penalty", "seed", "stop", "ignore_eos"]
     assert fields["Usage"] == ["prompt_tokens", "completion_tokens", "vision_tokens",
                                "image_tiles", "video_frames"]
     assert fields["Timing"] == ["queue_ms", "preprocess_ms", "prefill_ms", "decode_ms"]

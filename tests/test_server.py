@@ -24,6 +24,11 @@ def stub(target: str) -> chat_pb2_grpc.ChatServiceStub:
     return chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target))
 
 
+def long_text(text: str, tokens: int = 4000) -> chat_pb2.ChatRequest:
+    """A request that generates exactly `tokens` tokens (end-of-turn ignored)."""
+    return user_text(text, max_new_tokens=tokens, ignore_eos=True)
+
+
 def user_text(text: str, **gen) -> chat_pb2.ChatRequest:
     req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(**gen))
     req.messages.add(role=chat_pb2.USER).parts.add(text=text)
@@ -154,12 +159,14 @@ def test_overload_rejects_the_third_call_at_once(tiny) -> None:
     engine = make_engine(tiny, max_running=1, max_queue=1)
     with RunningServer(engine) as srv:
         s = stub(srv.target)
-        long = [s.StreamChat(user_text("long", max_new_tokens=4000), timeout=60)
-                for _ in range(2)]
-        next(long[0])  # the first is running
+        running = s.StreamChat(long_text("long"), timeout=60)
+        next(running)  # the first is running ...
+        queued = s.StreamChat(long_text("long"), timeout=60)
+        long = [running, queued]
         deadline = time.monotonic() + 10
         while engine.stats()["in_flight"] < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 1  # ... one waits
         start = time.monotonic()
         err = _fails(srv.target, user_text("third", max_new_tokens=2))
         assert time.monotonic() - start < 1.0
@@ -176,7 +183,7 @@ def test_overload_rejects_the_third_call_at_once(tiny) -> None:
 
 def test_cancel_after_first_chunk_frees_the_job(server) -> None:
     engine = server.app.engine
-    call = stub(server.target).StreamChat(user_text("go", max_new_tokens=4000), timeout=60)
+    call = stub(server.target).StreamChat(long_text("go"), timeout=60)
     first = next(call)
     assert first.text or first.request_id
     call.cancel()
@@ -192,7 +199,7 @@ def test_deadline_ends_a_long_generation_promptly(server) -> None:
     start = time.monotonic()
     err = None
     try:
-        stub(server.target).Chat(user_text("long", max_new_tokens=4000), timeout=0.2)
+        stub(server.target).Chat(long_text("long"), timeout=0.2)
     except grpc.RpcError as exc:
         err = exc
     assert err is not None and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED

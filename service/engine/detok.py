@@ -20,6 +20,8 @@ class TextAssembler:
         self._decoded = ""  # all text decoded so far (emitted + held back)
         self._emitted = 0  # characters of _decoded already handed out
         self.stopped = False
+        self._cache_key: tuple[int, int] | None = None
+        self._cache_text = ""
 
     @property
     def text(self) -> str:
@@ -33,19 +35,29 @@ class TextAssembler:
         """Append a token; return the new text that is safe to emit ('' if none yet)."""
         self.ids.append(token_id)
         window = self._decode(self.ids[self._prefix:])
-        before = self._decode(self.ids[self._prefix:self._read])
-        if window.endswith("\ufffd") or len(window) <= len(before):
-            return ""  # an incomplete character, or nothing visible yet
+        before = self._before()
+        pending = len(self.ids) - self._read
+        # A UTF-8 character spans at most 4 byte tokens: a tail that is still incomplete
+        # after 4 is invalid for good and is let out as U+FFFD rather than held forever.
+        if (window.endswith("\ufffd") and pending < 4) or len(window) <= len(before):
+            return ""
         self._decoded += window[len(before):]
         self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
+
+    def _before(self) -> str:
+        """Decoded ids[prefix:read], cached while the window start does not move."""
+        key = (self._prefix, self._read)
+        if self._cache_key != key:
+            self._cache_key = key
+            self._cache_text = self._decode(self.ids[self._prefix:self._read])
+        return self._cache_text
 
     def finish(self) -> str:
         """Flush everything still held back (an incomplete final character stays U+FFFD)."""
         if not self.stopped and self._read < len(self.ids):
             window = self._decode(self.ids[self._prefix:])
-            before = self._decode(self.ids[self._prefix:self._read])
-            self._decoded += window[len(before):]
+            self._decoded += window[len(self._before()):]
             self._read = len(self.ids)
         return self._release(final=True)
 

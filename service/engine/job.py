@@ -58,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks only: generate exactly max_new_tokens
 
     @property
     def greedy(self) -> bool:

@@ -4,12 +4,24 @@ The layers' modules (projections, norms, MLP, rotary) are transformers' own; wha
 is the cache: one tensor per layer holding every running job's keys and values in its own
 row, so one decode step advances the whole batch with a single attention call per layer.
 Rows are kept compact (the running jobs are rows 0..B-1) by moving the last row into a gap.
+
+Batch-invariant mode (the default on CPU) makes a job's tokens independent of what it is
+batched with: matrix products run on fixed 8-row blocks (BLAS picks its kernel by shape, and
+a different kernel rounds differently) and attention runs per row over that row's own
+length. It costs a little speed and buys exact reproducibility under greedy decoding.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+
+_BLOCK = 8
+
+
+def _plain(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
 class KVSlots:
@@ -51,8 +63,10 @@ class KVSlots:
 class Decoder:
     """Runs a causal LM from transformers (Qwen2 layout) as prefill + batched decode steps."""
 
-    def __init__(self, causal_lm: torch.nn.Module, max_rows: int) -> None:
+    def __init__(self, causal_lm: torch.nn.Module, max_rows: int,
+                 batch_invariant: bool = False) -> None:
         self.lm = causal_lm
+        self.invariant = batch_invariant
         self.body = causal_lm.model
         cfg = causal_lm.config
         kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
@@ -72,11 +86,12 @@ class Decoder:
                 rows: torch.Tensor, positions: torch.Tensor, i: int, prefill: bool) -> torch.Tensor:
         attn = layer.self_attn
         b, n, _ = x.shape
+        lin = self._linear if (self.invariant and not prefill) else _plain
         h = layer.input_layernorm(x)
         # (b, n, heads*d) -> (b, heads, n, d)
-        q = attn.q_proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = lin(attn.q_proj, h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = lin(attn.k_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = lin(attn.v_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if prefill:  # one job, positions 0..n-1
             self.slots.k[i][rows[0], :, :n] = k[0]
@@ -86,16 +101,49 @@ class Decoder:
         else:  # b jobs, one new token each at its own position
             self.slots.k[i][rows, :, positions] = k[:, :, 0]
             self.slots.v[i][rows, :, positions] = v[:, :, 0]
-            t = int(positions.max()) + 1
-            keys = self.slots.k[i][: b, :, :t]  # rows are 0..b-1: compact by construction
-            values = self.slots.v[i][: b, :, :t]
-            # (b, 1, 1, t): each row sees its own positions only
-            mask = (torch.arange(t, device=x.device)[None, :] <= positions[:, None])[:, None, None]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.heads != self.kv_heads)
+            o = (self._attend_rows(q, positions, i) if self.invariant
+                 else self._attend_batch(q, positions, i))
         o = o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)  # (b, n, hidden)
-        x = x + attn.o_proj(o)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + lin(attn.o_proj, o)
+        h = layer.post_attention_layernorm(x)
+        if lin is _plain:
+            return x + layer.mlp(h)
+        mlp = layer.mlp  # Qwen2/Llama MLP: down(act(gate(h)) * up(h)), in fixed blocks
+        return x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
+
+    def _attend_batch(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
+        """All rows in one call over the longest row's length, shorter rows masked."""
+        b = q.shape[0]
+        t = int(positions.max()) + 1
+        keys = self.slots.k[i][:b, :, :t]  # rows are 0..b-1: compact by construction
+        values = self.slots.v[i][:b, :, :t]
+        # (b, 1, 1, t): each row sees its own positions only
+        mask = (torch.arange(t, device=q.device)[None, :] <= positions[:, None])[:, None, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                              enable_gqa=self.heads != self.kv_heads)
+
+    def _attend_rows(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
+        """Row by row over each row's own length: what a row sees never depends on others."""
+        outs = []
+        for r, pos in enumerate(positions.tolist()):
+            keys = self.slots.k[i][r:r + 1, :, :pos + 1]
+            values = self.slots.v[i][r:r + 1, :, :pos + 1]
+            outs.append(F.scaled_dot_product_attention(
+                q[r:r + 1], keys, values, scale=self.scale,
+                enable_gqa=self.heads != self.kv_heads))
+        return torch.cat(outs)
+
+    @staticmethod
+    def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """module(x) over blocks of exactly _BLOCK rows (the last one zero-padded)."""
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        pad = (-rows.shape[0]) % _BLOCK
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        out = torch.cat([F.linear(rows[s:s + _BLOCK], module.weight, module.bias)
+                         for s in range(0, rows.shape[0], _BLOCK)])
+        return out[: out.shape[0] - pad].reshape(*shape[:-1], -1)
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
              prefill: bool) -> torch.Tensor:
@@ -124,4 +172,6 @@ class Decoder:
         x = self.body.embed_tokens(tokens)[:, None, :]  # (b, 1, hidden)
         rows = torch.arange(b, device=tokens.device)
         h = self._run(x, positions, rows, prefill=False)  # (b, 1, hidden)
+        if self.invariant:
+            return self._linear(self.lm.lm_head, h[:, 0])
         return self.lm.lm_head(h[:, 0])

@@ -20,6 +20,11 @@ class Sampler:
             else:
                 self.generator.seed()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalty: the argmax alone decides."""
+        return self.params.greedy and self.params.repetition_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> int:
         """logits (vocab,) float -> the chosen id. `seen` holds prompt+reply ids for the penalty."""
         p = self.params

@@ -20,7 +20,7 @@ from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import MediaSettings, Prepared, Preparer
 from service.engine.sampling import Sampler
-from service.engine.stream import JobStream
+from service.engine.stream import JobStream, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class EngineSettings:
     max_batch_tokens: int = 262_144
     preprocess_workers: int = 2
     vision_batch: int = 32
+    # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
+    batch_invariant: bool | None = None
     media: MediaSettings = MediaSettings()
 
 
@@ -90,7 +92,16 @@ class NativeEngine:
         stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
         self.stop_ids = {i for i in stops if i is not None and i != tok.unk_token_id}
         self.vocab_limit = min(len(tok), loaded.cfg.text.vocab_size)
-        self.decoder = Decoder(loaded.model.language_model, settings.max_running)
+        invariant = settings.batch_invariant
+        if invariant is None:
+            invariant = loaded.device.type == "cpu"
+        self.decoder = Decoder(loaded.model.language_model, settings.max_running, invariant)
+        # Decode steps of a small model on CPU are too short to share among threads: the
+        # fork/join costs more than it saves. Prefill and vision keep every core. These
+        # settings are per thread: only the engine thread's are changed.
+        self._cpu_threads = torch.get_num_threads()
+        small = sum(p.numel() for p in loaded.model.language_model.parameters()) < 50_000_000
+        self._decode_threads = 1 if loaded.device.type == "cpu" and small else 0
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
         self._cv = threading.Condition()
         self._waiting: deque[tuple[JobStream, Prepared, float]] = deque()
@@ -100,6 +111,7 @@ class NativeEngine:
         self._accepting = True
         self._stop = False
         self.steps = 0
+        self._outbox = Outbox()  # engine-thread events, delivered once per loop iteration
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -194,6 +206,8 @@ class NativeEngine:
                 for r in self._running:
                     self._end(r.stream, _as_engine_error(exc))
                 self._running.clear()
+            finally:
+                self._outbox.flush()
 
     def _admit(self) -> list[tuple[JobStream, Prepared, float]]:
         """Pop waiting jobs that fit the batch-size cap and the token budget (lock held)."""
@@ -210,6 +224,8 @@ class NativeEngine:
         return out
 
     def _prefill(self, admitted: list[tuple[JobStream, Prepared, float]]) -> None:
+        if self._decode_threads:
+            torch.set_num_threads(self._cpu_threads)
         now = time.monotonic()
         live = []
         for stream, prep, t_submit in admitted:
@@ -262,6 +278,8 @@ class NativeEngine:
 
     def _step(self) -> None:
         rows = self._running
+        if self._decode_threads:
+            torch.set_num_threads(self._decode_threads)
         tokens = torch.tensor([r.last for r in rows], device=self.lm.device)
         positions = torch.tensor([r.length for r in rows], device=self.lm.device)
         try:
@@ -273,11 +291,18 @@ class NativeEngine:
             self._compact()
             return
         self.steps += 1
+        # plain greedy rows (most traffic) take one argmax over the whole batch
+        argmax = logits[:, : self.vocab_limit].argmax(-1).tolist()
         for i, r in enumerate(rows):
             r.length += 1
-            r.seen = torch.cat([r.seen, tokens[i:i + 1]])
             try:
-                self._accept(r, r.sampler(logits[i], r.seen))
+                if r.sampler.plain_greedy:
+                    token = argmax[i]
+                else:
+                    if r.sampler.params.repetition_penalty != 1.0:
+                        r.seen = torch.cat([r.seen, tokens[i:i + 1]])
+                    token = r.sampler(logits[i], r.seen)
+                self._accept(r, token)
             except Exception as exc:
                 r.finished = True
                 self._end(r.stream, _as_engine_error(exc))
@@ -285,14 +310,14 @@ class NativeEngine:
 
     def _accept(self, r: _Running, token: int) -> None:
         """Take one sampled token: emit text, or finish on a stop token, stop string or limit."""
-        if token in self.stop_ids:
+        if token in self.stop_ids and not r.prep.job.sampling.ignore_eos:
             self._finish(r, FinishReason.STOP)
             return
         r.generated += 1
         r.last = token
         delta = r.text.add(token)
         if delta:
-            r.stream.push(Delta(delta))
+            r.stream.push(Delta(delta), self._outbox)
         if r.text.stopped:
             self._finish(r, FinishReason.STOP)
         elif (r.generated >= r.prep.job.sampling.max_new_tokens
@@ -303,7 +328,7 @@ class NativeEngine:
         r.finished = True
         tail = r.text.finish()
         if tail:
-            r.stream.push(Delta(tail))
+            r.stream.push(Delta(tail), self._outbox)
         end = time.monotonic()
         p = r.prep
         usage = Usage(prompt_tokens=len(p.ids), completion_tokens=r.generated,
@@ -348,15 +373,20 @@ class NativeEngine:
         return False
 
     def _end(self, stream: JobStream, outcome: object) -> None:
-        """The single place a job ends: exactly one final event, and its slot is released."""
+        """The single place a job ends: exactly one final event, and its slot is released.
+
+        On the engine thread the final event joins the step's outbox (after the job's last
+        deltas); from other threads it is delivered at once.
+        """
         with self._cv:
             if self._streams.pop(id(stream), None) is None:
                 return
             self._in_flight -= 1
+        outbox = self._outbox if threading.current_thread() is self._thread else None
         if isinstance(outcome, Finished):
-            stream.finish(outcome)
+            stream.finish(outcome, outbox)
         else:
-            stream.fail(outcome)
+            stream.fail(outcome, outbox)
 
 
 def _as_engine_error(exc: BaseException) -> EngineError:

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from service.engine.job import ChatJob, EngineError, Event, Finished
+from service.engine.job import ChatJob, Delta, EngineError, Event, Finished
 
 _END = object()
 
@@ -30,7 +30,10 @@ class JobStream:
         self.done = threading.Event()
 
     # engine side -----------------------------------------------------------------------
-    def push(self, item: object) -> None:
+    def push(self, item: object, outbox: Outbox | None = None) -> None:
+        if outbox is not None:
+            outbox.add(self, item)
+            return
         if self._loop is None:
             self._q.put(item)
             return
@@ -39,18 +42,18 @@ class JobStream:
         except RuntimeError:  # the loop has closed: nobody is listening any more
             pass
 
-    def finish(self, event: Finished) -> None:
-        self.push(event)
-        self.close()
+    def finish(self, event: Finished, outbox: Outbox | None = None) -> None:
+        self.push(event, outbox)
+        self.close(outbox)
 
-    def fail(self, error: BaseException) -> None:
-        self.push(error)
-        self.close()
+    def fail(self, error: BaseException, outbox: Outbox | None = None) -> None:
+        self.push(error, outbox)
+        self.close(outbox)
 
-    def close(self) -> None:
+    def close(self, outbox: Outbox | None = None) -> None:
         if not self.done.is_set():
             self.done.set()
-            self.push(_END)
+            self.push(_END, outbox)
 
     # caller side -----------------------------------------------------------------------
     def cancel(self) -> None:
@@ -67,13 +70,57 @@ class JobStream:
             yield item
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        """Deltas that queued up while the reader was busy come out joined as one, so a slow
+        reader gets fewer, larger messages instead of falling further behind."""
         while True:
-            item = await self._aq.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            items = [await self._aq.get()]
+            while not self._aq.empty():
+                items.append(self._aq.get_nowait())
+            for item in _join_deltas(items):
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+
+def _join_deltas(items: list[object]) -> list[object]:
+    out: list[object] = []
+    for item in items:
+        if isinstance(item, Delta) and out and isinstance(out[-1], Delta):
+            out[-1] = Delta(out[-1].text + item.text)
+        else:
+            out.append(item)
+    return out
+
+
+class Outbox:
+    """Events produced during one engine step, delivered with one wake-up per event loop."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[JobStream, object]] = []
+
+    def add(self, stream: JobStream, item: object) -> None:
+        self._items.append((stream, item))
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobStream, object]]] = {}
+        for stream, item in items:
+            if stream._loop is None:
+                stream._q.put(item)
+            else:
+                by_loop.setdefault(stream._loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop has closed: nobody is listening
+                pass
+
+
+def _deliver(batch: list[tuple[JobStream, object]]) -> None:
+    for stream, item in batch:
+        stream._aq.put_nowait(item)
 
 
 __all__ = ["JobStream", "EngineError"]
