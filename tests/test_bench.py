@@ -1,0 +1,22 @@
+"""The GPU benchmark script runs end to end on CPU with the tiny model (its dry run)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import ROOT
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
+    run = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--tiny",
+                          "--tokens", "16", "--batches", "1,4", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ,
+                              "EAGLE_CACHE_DIR": str(tiny_dir.parent)})
+    assert run.returncode == 0, run.stderr
+    assert "TTFT, one 13-tile image" in run.stdout and "plain transformers generate()" in run.stdout
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["ttft_13_tiles"]["prompt_tokens"] > 13 * 256
+    assert [b["batch"] for b in data["batches"]] == [1, 4]
+    assert all(b["aggregate_tokens_per_s"] > 0 for b in data["batches"])
+    assert data["generate_tokens_per_s"] > 0
