@@ -5,8 +5,16 @@ import statistics
 from pathlib import Path
 
 from bench.common import table
-from service.engine.job import (ChatJob, ChatMessage, Finished, ImagePart, Role, SamplingParams,
-                                TextPart, VisionParams)
+from service.engine.job import (
+    ChatJob,
+    ChatMessage,
+    Finished,
+    ImagePart,
+    Role,
+    SamplingParams,
+    TextPart,
+    VisionParams,
+)
 from tests import factory
 
 # (image size, tile cap) giving 1, 7 and 13 tiles (grid + thumbnail)

@@ -14,8 +14,17 @@ from torch import nn
 
 from bench.common import machine, table
 from service.engine.config import parse_config
-from service.engine.job import (ChatJob, ChatMessage, Delta, Finished, ImagePart, Role,
-                                SamplingParams, TextPart, VisionParams)
+from service.engine.job import (
+    ChatJob,
+    ChatMessage,
+    Delta,
+    Finished,
+    ImagePart,
+    Role,
+    SamplingParams,
+    TextPart,
+    VisionParams,
+)
 from service.engine.loader import LoadedModel, attention_backend, build_empty
 from service.engine.scheduler import EngineSettings, NativeEngine
 from service.engine.tiny import ensure_tiny, tiny_config, train_tokenizer

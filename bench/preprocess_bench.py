@@ -105,14 +105,14 @@ def run(out: Path, repeat: int = 5) -> tuple[str, dict]:
     for name, (kind, path) in inputs(out / ".cache").items():
         if kind == "image":
             data = path.read_bytes()
-            t_up, up = best_of(lambda: upstream_image(data), repeat)
-            t_ours, ours = best_of(lambda: ours_image(data), repeat)
+            t_up, up = best_of(lambda d=data: upstream_image(d), repeat)
+            t_ours, ours = best_of(lambda d=data: ours_image(d), repeat)
         else:
             if not have_decord:
                 rows.append([name, "-", "-", "-", "-", "decord not installed", "-"])
                 continue
-            t_up, up = best_of(lambda: upstream_video(str(path)), max(1, repeat // 2))
-            t_ours, ours = best_of(lambda: ours_video(str(path)), max(1, repeat // 2))
+            t_up, up = best_of(lambda p=str(path): upstream_video(p), max(1, repeat // 2))
+            t_ours, ours = best_of(lambda p=str(path): ours_video(p), max(1, repeat // 2))
         same = tuple(up.shape) == tuple(ours.shape)
         quality = psnr(up, ours) if same else float("nan")
         worst = min(psnr(u, o) for u, o in zip(up, ours)) if same else float("nan")

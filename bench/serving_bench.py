@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import grpc
+from eagle.v1 import chat_pb2_grpc
 
 from bench.common import pct, table
 from client._common import build_request, channel_options
-from eagle.v1 import chat_pb2_grpc
 from tests import factory
 
 TOKENS = 32

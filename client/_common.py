@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from eagle.v1 import chat_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -39,6 +38,14 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
     if retries:
         opts.append(("grpc.service_config", SERVICE_CONFIG))
     return opts
+
+
+def open_channel(api: Any, target: str, tls: bool, root_certificates: Any, client_cert: Any,
+                 client_key: Any, max_message_bytes: int, retries: bool) -> Any:
+    """A channel from `api` (the grpc module or grpc.aio) with our options and credentials."""
+    creds = credentials(tls, root_certificates, client_cert, client_key)
+    opts = channel_options(max_message_bytes, retries)
+    return api.secure_channel(target, creds, opts) if creds else api.insecure_channel(target, opts)
 
 
 def credentials(tls: bool, root_certificates: bytes | str | Path | None,

@@ -6,10 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-from client._common import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, ChatResult, EagleError,
-                            build_request, channel_options, credentials, metadata)
 from eagle.v1 import chat_pb2, chat_pb2_grpc
+
+from client._common import (
+    DEFAULT_TARGET,
+    MAX_MESSAGE_BYTES,
+    ChatResult,
+    EagleError,
+    build_request,
+    metadata,
+    open_channel,
+)
 
 
 class AsyncChatStream:
@@ -43,10 +50,8 @@ class AsyncEagleClient:
                  client_cert: bytes | str | Path | None = None,
                  client_key: bytes | str | Path | None = None, timeout: float = 120.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True) -> None:
-        creds = credentials(tls, root_certificates, client_cert, client_key)
-        opts = channel_options(max_message_bytes, retries)
-        self._channel = (grpc.aio.secure_channel(target, creds, opts) if creds
-                         else grpc.aio.insecure_channel(target, opts))
+        self._channel = open_channel(grpc.aio, target, tls, root_certificates, client_cert,
+                                     client_key, max_message_bytes, retries)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._metadata = metadata(token)
         self.timeout = timeout

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 
-class PreprocessError(Exception):
-    """Base class. `field` is filled in by the service with the request path of the bad part."""
+class FieldError(Exception):
+    """An error with a message for the caller and, when known, the request field it is about."""
 
     def __init__(self, message: str, field: str = "") -> None:
         super().__init__(message)
@@ -12,6 +12,10 @@ class PreprocessError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class PreprocessError(FieldError):
+    """Base of the preprocessing errors. `field` is filled in by the service."""
 
 
 class MediaError(PreprocessError):

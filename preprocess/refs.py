@@ -210,7 +210,7 @@ def _get_once(scheme: str, host: str, address: str, port: int, parts, policy: Re
             raise MediaError(f"{label}: the URL's body is over the "
                              f"{policy.max_url_bytes:,}-byte limit")
         return resp.status, resp.getheader("Location"), body
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise MediaError(f"{label}: the URL did not answer within "
                          f"{policy.read_timeout_s:g} s") from None
     except (OSError, http.client.HTTPException) as exc:

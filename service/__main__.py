@@ -6,7 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from service import logs, settings as settings_mod
+from service import logs
+from service import settings as settings_mod
 
 
 def build_engine(s: settings_mod.Settings):

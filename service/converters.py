@@ -7,8 +7,21 @@ import uuid
 from dataclasses import dataclass
 
 from eagle.v1 import chat_pb2
-from service.engine.job import (ChatJob, ChatMessage, Finished, FinishReason, ImagePart, Role,
-                                SamplingParams, TextPart, Timing, Usage, VideoPart, VisionParams)
+
+from service.engine.job import (
+    ChatJob,
+    ChatMessage,
+    Finished,
+    FinishReason,
+    ImagePart,
+    Role,
+    SamplingParams,
+    TextPart,
+    Timing,
+    Usage,
+    VideoPart,
+    VisionParams,
+)
 from service.errors import RequestError
 from service.settings import Settings
 
@@ -127,26 +140,14 @@ def _part(part: chat_pb2.Part, role: Role, path: str, limits: Limits,
         if counts["images"] > limits.max_images:
             raise RequestError(where, f"more than {limits.max_images} images in the request, "
                                       f"the limit")
-        source = img.WhichOneof("source")
-        if source is None or (source == "data" and not img.data) or (source == "uri"
-                                                                     and not img.uri):
-            raise RequestError(where, "the image has neither data nor uri")
-        if len(img.data) > limits.max_image_bytes:
-            raise RequestError(f"{where}.data", f"the image is {len(img.data):,} bytes, over the "
-                                                f"{limits.max_image_bytes:,}-byte limit")
+        _check_source(img, "image", where, limits.max_image_bytes)
         return ImagePart(data=img.data, uri=img.uri, field=where)
     counts["videos"] += 1
     video = part.video
     where = f"{path}.video"
     if counts["videos"] > limits.max_videos:
         raise RequestError(where, f"more than {limits.max_videos} videos in the request, the limit")
-    source = video.WhichOneof("source")
-    if source is None or (source == "data" and not video.data) or (source == "uri"
-                                                                   and not video.uri):
-        raise RequestError(where, "the video has neither uri nor data")
-    if len(video.data) > limits.max_video_bytes:
-        raise RequestError(f"{where}.data", f"the video is {len(video.data):,} bytes, over the "
-                                            f"{limits.max_video_bytes:,}-byte limit")
+    _check_source(video, "video", where, limits.max_video_bytes)
     if video.num_frames > limits.max_video_frames:
         raise RequestError(f"{where}.num_frames", f"{video.num_frames} frames, over the limit "
                                                   f"of {limits.max_video_frames}")
@@ -160,6 +161,17 @@ def _part(part: chat_pb2.Part, role: Role, path: str, limits: Limits,
                                                    f"{video.end_seconds}")
     return VideoPart(uri=video.uri, data=video.data, num_frames=video.num_frames,
                      start_seconds=video.start_seconds, end_seconds=video.end_seconds, field=where)
+
+
+def _check_source(media: chat_pb2.Image | chat_pb2.Video, kind: str, where: str,
+                  max_bytes: int) -> None:
+    """Exactly one non-empty source, and inline bytes within the limit."""
+    source = media.WhichOneof("source")
+    if source is None or not getattr(media, source):
+        raise RequestError(where, f"the {kind} has neither data nor uri")
+    if len(media.data) > max_bytes:
+        raise RequestError(f"{where}.data", f"the {kind} is {len(media.data):,} bytes, over the "
+                                            f"{max_bytes:,}-byte limit")
 
 
 def _sampling(g: chat_pb2.GenerationConfig, limits: Limits) -> SamplingParams:

@@ -8,8 +8,13 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from preprocess.errors import (ContextOverflow, MediaError, PreprocessError, ReferenceDenied,
-                               ReferenceNotFound)
+from preprocess.errors import (
+    ContextOverflow,
+    MediaError,
+    PreprocessError,
+    ReferenceDenied,
+    ReferenceNotFound,
+)
 from service.engine.job import EngineError
 
 log = logging.getLogger(__name__)

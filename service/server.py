@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from eagle.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
-from eagle.v1 import chat_pb2, chat_pb2_grpc
 from service.converters import Limits
 from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingParams, TextPart
 from service.interceptors import AuthInterceptor

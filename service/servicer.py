@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-
 from eagle.v1 import chat_pb2, chat_pb2_grpc
+
 from service import __version__, converters, logs
 from service.engine.job import Delta, Finished, Unavailable
 from service.engine.scheduler import Engine

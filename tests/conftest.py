@@ -63,6 +63,7 @@ def server(tiny, media_root):
     from dataclasses import replace
 
     from harness import RunningServer
+
     from preprocess.refs import RefPolicy
     from service.engine.prepare import MediaSettings
     from service.engine.scheduler import EngineSettings, NativeEngine

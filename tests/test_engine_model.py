@@ -5,13 +5,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import factory
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-import factory
 from service.engine.config import ModelLoadError, parse_config, read_config
 from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, TextPart, VisionParams
 from service.engine.llm import Decoder

@@ -4,10 +4,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import factory
 import numpy as np
 import pytest
 
-import factory
 from preprocess import frames
 from preprocess.errors import MediaError
 

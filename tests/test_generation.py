@@ -1,12 +1,22 @@
 """Generation: greedy determinism, seeded sampling, exact streamed text, stop strings, usage."""
 from __future__ import annotations
 
+import factory
 import pytest
 
-import factory
 from service.engine.detok import TextAssembler
-from service.engine.job import (ChatJob, ChatMessage, Delta, Finished, FinishReason, ImagePart,
-                                Role, SamplingParams, TextPart, VisionParams)
+from service.engine.job import (
+    ChatJob,
+    ChatMessage,
+    Delta,
+    Finished,
+    FinishReason,
+    ImagePart,
+    Role,
+    SamplingParams,
+    TextPart,
+    VisionParams,
+)
 
 
 def job(text: str, rid: str = "g", image: bytes = b"", **sampling) -> ChatJob:

@@ -6,11 +6,11 @@ import struct
 import time
 import zlib
 
+import factory
 import numpy as np
 import pytest
 from PIL import Image
 
-import factory
 from preprocess.errors import MediaError
 from preprocess.media import ImagePolicy, decode_image, open_image
 

@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
-
-from client import EagleClient
 from conftest import ROOT
 from eagle.v1 import chat_pb2, chat_pb2_grpc
+
+from client import EagleClient
 from service import logs
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import make_engine
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from harness import RunningServer
 
 from client import EagleClient, EagleError
-from conftest import make_engine
-from harness import RunningServer
 
 TOKEN = "s3cret-token-value"
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 import threading
 import time
 
+import factory
 import grpc
 import pytest
+from conftest import make_engine
+from eagle.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-
-import factory
-from client import AsyncEagleClient, EagleClient, EagleError, Video
-from conftest import make_engine
-from eagle.v1 import chat_pb2, chat_pb2_grpc
 from harness import RunningServer
+
+from client import AsyncEagleClient, EagleClient, EagleError, Video
 from service.engine.job import EngineError
 
 PHOTO = factory.encode(factory.photo(1000, 500), "JPEG")
@@ -264,7 +264,6 @@ def test_health_transitions_and_reflection(tiny) -> None:
     srv = RunningServer.__new__(RunningServer)
     # build without starting, to watch NOT_SERVING -> SERVING -> NOT_SERVING
     import asyncio
-
     from dataclasses import replace
 
     from service.server import EagleServer

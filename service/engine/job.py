@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from preprocess.errors import FieldError
+
 
 class Role(str, Enum):
     SYSTEM = "system"
@@ -131,18 +133,10 @@ class Finished:
 Event = Delta | Finished
 
 
-class EngineError(Exception):
+class EngineError(FieldError):
     """A job that cannot complete; `code` is one of the names in service.errors' table."""
 
     code = "INTERNAL"
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class InvalidRequest(EngineError):

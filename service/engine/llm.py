@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-
 _BLOCK = 8
 
 

@@ -84,10 +84,8 @@ class Preparer:
             except ContextOverflow as exc:
                 exc.field = "messages"
                 raise
-            decoded = [_labelled(p, lambda: vid.decode_video(
-                src, n, start_seconds=p.start_seconds, end_seconds=p.end_seconds,
-                size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}"))
-                for k, (p, src, n) in enumerate(zip(videos, sources, plan.video_frames))]
+            decoded = [self._decode_video(k, p, src, n) for k, (p, src, n)
+                       in enumerate(zip(videos, sources, plan.video_frames))]
             per_image = [self._tile(o, c, p) for o, c, p in zip(opened, plan.tile_caps, images)]
         segments = pr.conversation(job.messages, [d.timestamps for d in decoded],
                                    timestamps=job.vision.frame_timestamps)
@@ -102,6 +100,12 @@ class Preparer:
         tiles = np.concatenate(order) if order else None
         return Prepared(job, ids, tiles, sum(counts), sum(plan.video_frames), plan.adjustments,
                         (time.perf_counter() - start) * 1000, text_tokens)
+
+    def _decode_video(self, k: int, part: VideoPart, source: str | bytes,
+                      frames: int) -> vid.DecodedVideo:
+        return _labelled(part, lambda: vid.decode_video(
+            source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
+            size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}"))
 
     def _open_image(self, part: ImagePart, k: int, stack: ExitStack) -> OpenedImage:
         label = f"image {k + 1}"

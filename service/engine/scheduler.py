@@ -13,9 +13,20 @@ import torch
 
 from preprocess.errors import PreprocessError
 from service.engine.detok import TextAssembler
-from service.engine.job import (Cancelled, ChatJob, DeadlineExceeded, Delta, EngineError,
-                                Finished, FinishReason, OutOfMemory, Overloaded, Timing,
-                                Unavailable, Usage)
+from service.engine.job import (
+    Cancelled,
+    ChatJob,
+    DeadlineExceeded,
+    Delta,
+    EngineError,
+    Finished,
+    FinishReason,
+    OutOfMemory,
+    Overloaded,
+    Timing,
+    Unavailable,
+    Usage,
+)
 from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import MediaSettings, Prepared, Preparer
