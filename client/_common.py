@@ -189,7 +189,7 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
                   history: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, repetition_penalty: float | None = None,
-                  seed: int | None = None, stop: Sequence[str] = (),
+                  seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                   max_tiles_per_image: int | None = None, max_video_frames: int | None = None,
                   frame_timestamps: bool | None = None,
                   request_id: str = "") -> chat_pb2.ChatRequest:
@@ -222,6 +222,7 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
     if seed is not None:
         g.seed = seed
     g.stop.extend(stop)
+    g.ignore_eos = ignore_eos
     if max_tiles_per_image is not None:
         req.vision.max_tiles_per_image = max_tiles_per_image
     if max_video_frames is not None:

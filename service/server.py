@@ -49,11 +49,13 @@ class EagleServer:
         self.state = ServingState()
         self.health = health.aio.HealthServicer()
         interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
-        self.server = grpc.aio.server(interceptors=interceptors,
-                                      options=server_options(settings))
+        rpcs = settings.max_concurrent_rpcs or settings.max_running + settings.max_queue + 64
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings),
+                                      maximum_concurrent_rpcs=rpcs)
         limits = Limits.from_settings(settings, engine.info().max_tiles_per_image)
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
-                                     {"max_request_bytes": settings.max_request_bytes})
+                                     {"max_request_bytes": settings.max_request_bytes},
+                                     settings.default_deadline_s)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -50,8 +50,10 @@ class _Call:
         self.rid = converters.request_id(request)
         self._token = logs.request_id.set(self.rid)
         self.owner.state.check()
-        job = converters.to_job(request, self.owner.limits, self.rid,
-                                self.context.time_remaining())
+        remaining = self.context.time_remaining()
+        if remaining is None:  # no deadline from the client: the server's default applies
+            remaining = self.owner.default_deadline_s
+        job = converters.to_job(request, self.owner.limits, self.rid, remaining)
         self.stream = self.owner.engine.submit(job)
         return self.stream
 
@@ -96,9 +98,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Thin: every rule lives in converters, the engine and the error table."""
 
     def __init__(self, engine: Engine, limits: converters.Limits, metrics: Metrics,
-                 state: ServingState, info: dict[str, int]) -> None:
+                 state: ServingState, info: dict[str, int],
+                 default_deadline_s: float = 600.0) -> None:
         self.engine, self.limits, self.metrics, self.state = engine, limits, metrics, state
         self.info = info
+        self.default_deadline_s = default_deadline_s
 
     async def Chat(self, request: chat_pb2.ChatRequest,  # noqa: N802 (the contract's name)
                    context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:

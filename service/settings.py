@@ -23,6 +23,8 @@ class Settings:
     max_queue: int = 64
     max_batch_tokens: int = 262_144
     preprocess_workers: int = 2
+    max_concurrent_rpcs: int = 0  # 0: running + queued + 64 (health watches, model info)
+    default_deadline_s: float = 600.0  # for calls that come without a deadline
     # limits per request
     max_request_bytes: int = 64 * MiB
     max_messages: int = 64
