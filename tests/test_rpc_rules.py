@@ -6,19 +6,18 @@ import json
 import threading
 import time
 
+import factory
 import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-
-import factory
-
-from client import EagleClient, EagleError
 from conftest import make_engine
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 from harness import RunningServer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from client import EagleClient, EagleError
 from service.engine.config import ModelLoadError
 from service.engine.job import Delta, OutOfMemory, Unavailable
 from service.engine.loader import load_model, resolve_model
