@@ -34,6 +34,7 @@ class OpenedImage:
     format: str
     label: str
     orientation: int
+    key: str = ""  # set by callers that cache by content
 
     @property
     def size(self) -> tuple[int, int]:

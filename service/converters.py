@@ -220,7 +220,7 @@ def _vision(v: chat_pb2.VisionConfig, limits: Limits) -> VisionParams:
 def usage_pb(u: Usage) -> chat_pb2.Usage:
     return chat_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                           vision_tokens=u.vision_tokens, image_tiles=u.image_tiles,
-                          video_frames=u.video_frames)
+                          video_frames=u.video_frames, cached_tiles=u.cached_tiles)
 
 
 def timing_pb(t: Timing) -> chat_pb2.Timing:

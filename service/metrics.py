@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -24,19 +25,34 @@ class Metrics:
         self.vision_tiles = Counter("eagle_vision_tiles", "Image tiles and video frames encoded",
                                     registry=r)
         self.active = Gauge("eagle_rpcs_active", "Chat RPCs in progress", registry=r)
-        self.queue_depth = Gauge("eagle_queue_depth", "Jobs waiting for the running batch",
-                                 registry=r)
-        self.batch_size = Gauge("eagle_running_batch_size", "Jobs in the running batch",
-                                registry=r)
-        self.in_flight = Gauge("eagle_jobs_in_flight", "Jobs accepted and not yet finished",
-                               registry=r)
 
     def bind_engine(self, engine) -> None:
-        """Read the engine's gauges at scrape time."""
-        self.queue_depth.set_function(lambda: engine.stats()["waiting"])
-        self.batch_size.set_function(lambda: engine.stats()["running"])
-        self.in_flight.set_function(lambda: engine.stats()["in_flight"])
+        """Expose the engine's own counts, read from `engine.stats()` at scrape time."""
+        self.registry.register(_EngineCollector(engine))
 
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP server; returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _EngineCollector:
+    """Gauges and counters the engine keeps itself (queue, batch, vision cache, steps)."""
+
+    _GAUGES = {"waiting": ("eagle_queue_depth", "Jobs waiting for the running batch"),
+               "running": ("eagle_running_batch_size", "Jobs in the running batch"),
+               "in_flight": ("eagle_jobs_in_flight", "Jobs accepted and not yet finished")}
+    _COUNTERS = {"steps": ("eagle_decode_steps", "Decode steps of the running batch"),
+                 "vision_cache_hits": ("eagle_vision_cache_hits",
+                                       "Images and videos whose embeddings came from the cache"),
+                 "vision_cache_misses": ("eagle_vision_cache_misses",
+                                         "Images and videos encoded by the vision tower")}
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for key, (name, doc) in self._GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=stats.get(key, 0))
+        for key, (name, doc) in self._COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))

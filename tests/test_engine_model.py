@@ -57,7 +57,8 @@ def test_logits_equal_an_independent_composition_with_two_images(tiny, tiny_dir)
         TextPart("these two.")),),), vision=VisionParams(max_tiles_per_image=2))
     prep = Preparer(tiny.tokenizer, tiny.cfg, 16384, MediaSettings())(job)
     assert prep.image_tiles == 3 + 3  # 2x1 + thumbnail, 1x2 + thumbnail
-    pixels = prep.pixel_values("siglip", torch.device("cpu"), torch.float32)
+    pixels = torch.cat([g.pixel_values("siglip", torch.device("cpu"), torch.float32)
+                        for g in prep.groups])
     ids = torch.tensor(prep.ids)
     ctx = tiny.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     with torch.inference_mode():

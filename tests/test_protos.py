@@ -40,7 +40,7 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
     assert fields["GenerationConfig"] == ["max_new_tokens", "temperature", "top_p", "top_k",
                                           "repetition_penalty", "seed", "stop", "ignore_eos"]
     assert fields["Usage"] == ["prompt_tokens", "completion_tokens", "vision_tokens",
-                               "image_tiles", "video_frames"]
+                               "image_tiles", "video_frames", "cached_tiles"]
     assert fields["Timing"] == ["queue_ms", "preprocess_ms", "prefill_ms", "decode_ms"]
     assert hasattr(chat_pb2_grpc, "ChatServiceStub")
 

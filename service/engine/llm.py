@@ -29,8 +29,14 @@ class KVSlots:
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
         self.shape = (rows, kv_heads, capacity, head_dim)
+        self.initial = capacity
         self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    def reset(self) -> None:
+        """Back to the initial capacity (only when no row is in use)."""
+        self.k = [t.new_zeros(self.shape) for t in self.k]
+        self.v = [t.new_zeros(self.shape) for t in self.v]
 
     @property
     def capacity(self) -> int:

@@ -1,9 +1,11 @@
 """The media and budget stages of one job: decode, fit the context (ADS), tile, tokenise."""
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,21 +31,28 @@ class MediaSettings:
 
 
 @dataclass
+class VisionGroup:
+    """The tiles of one image, or the frames of one video, and a key naming their content."""
+
+    key: str
+    tiles: np.ndarray  # (n, s, s, 3) uint8
+
+    def pixel_values(self, norm: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return tiler.normalize(self.tiles, norm).to(device=device, dtype=dtype)
+
+
+@dataclass
 class Prepared:
-    """A job ready for the scheduler: prompt ids and one uint8 tile stack in slot order."""
+    """A job ready for the scheduler: prompt ids and its vision groups in prompt order."""
 
     job: ChatJob
     ids: list[int]
-    tiles: np.ndarray | None  # (n, s, s, 3) uint8, or None for text only
+    groups: list[VisionGroup]
     image_tiles: int
     video_frames: int
     adjustments: list[str]
     preprocess_ms: float
     prompt_text_tokens: int = 0
-    keys: list[str] = field(default_factory=list)
-
-    def pixel_values(self, norm: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return tiler.normalize(self.tiles, norm).to(device=device, dtype=dtype)
 
 
 class Preparer:
@@ -64,7 +73,9 @@ class Preparer:
             images = [p for m in job.messages for p in m.parts if isinstance(p, ImagePart)]
             videos = [p for m in job.messages for p in m.parts if isinstance(p, VideoPart)]
             opened = [self._open_image(p, k, stack) for k, p in enumerate(images)]
+            image_keys = [o.key for o in opened]
             sources = [self._video_source(p, k, stack) for k, p in enumerate(videos)]
+            video_keys = [_content_key(src) for src in sources]
             wanted = [min(p.num_frames or job.vision.max_video_frames,
                           job.vision.max_video_frames) for p in videos]
             skeleton = pr.conversation(job.messages, [[] for _ in videos],
@@ -95,10 +106,20 @@ class Preparer:
             raise ContextOverflow(f"the prompt is {len(ids):,} tokens and {job.sampling.max_new_tokens:,} "
                                   f"more are reserved for the reply, over the "
                                   f"{self.context_length:,}-token context", field="messages")
-        order = [per_image[s.image] if s.image >= 0 else decoded[s.video].frames[s.frame][None]
-                 for s in segments if isinstance(s, pr.Slot)]
-        tiles = np.concatenate(order) if order else None
-        return Prepared(job, ids, tiles, sum(counts), sum(plan.video_frames), plan.adjustments,
+        groups, seen_videos = [], set()
+        for s in segments:  # a video's frame slots are contiguous: one group per video
+            if not isinstance(s, pr.Slot):
+                continue
+            if s.image >= 0:
+                key = f"{image_keys[s.image]}|tiles={plan.tile_caps[s.image]}"
+                groups.append(VisionGroup(key, per_image[s.image]))
+            elif s.video not in seen_videos:
+                seen_videos.add(s.video)
+                v = videos[s.video]
+                key = (f"{video_keys[s.video]}|n={plan.video_frames[s.video]}|"
+                       f"{v.start_seconds}-{v.end_seconds}")
+                groups.append(VisionGroup(key, decoded[s.video].frames))
+        return Prepared(job, ids, groups, sum(counts), sum(plan.video_frames), plan.adjustments,
                         (time.perf_counter() - start) * 1000, text_tokens)
 
     def _decode_video(self, k: int, part: VideoPart, source: str | bytes,
@@ -110,7 +131,9 @@ class Preparer:
     def _open_image(self, part: ImagePart, k: int, stack: ExitStack) -> OpenedImage:
         label = f"image {k + 1}"
         data = part.data or self._read_ref(part.uri, label, part.field, stack, as_bytes=True)
-        return _labelled(part, lambda: open_image(data, self.settings.image, label))
+        opened = _labelled(part, lambda: open_image(data, self.settings.image, label))
+        opened.key = _content_key(data)
+        return opened
 
     def _video_source(self, part: VideoPart, k: int, stack: ExitStack) -> str | bytes:
         return part.data or self._read_ref(part.uri, f"video {k + 1}", part.field, stack)
@@ -132,6 +155,14 @@ class Preparer:
         image = _labelled(part, lambda: opened.load(min_size=(cols * size, rows * size)))
         return tiler.split_tiles(image, max_tiles=cap, tile_size=size,
                                  use_thumbnail=self.cfg.use_thumbnail)
+
+
+def _content_key(source: str | bytes) -> str:
+    """What identifies media for the vision cache: a hash of bytes, or a file's identity."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return "sha256:" + hashlib.sha256(source).hexdigest()
+    st = os.stat(source)  # an open file under a media root (/proc/self/fd/N)
+    return f"file:{os.path.realpath(source)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def _labelled(part, fn):

@@ -1,12 +1,16 @@
 """The engine thread: admits prepared jobs into the running batch and steps them together."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -32,8 +36,12 @@ from service.engine.loader import LoadedModel
 from service.engine.prepare import MediaSettings, Prepared, Preparer
 from service.engine.sampling import Sampler
 from service.engine.stream import JobStream, Outbox
+from service.engine.vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):
+    _LIBC = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class EngineSettings:
     max_batch_tokens: int = 262_144
     preprocess_workers: int = 2
     vision_batch: int = 32
+    vision_cache_tiles: int = 256  # 0 turns the cache off
     # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
     batch_invariant: bool | None = None
     media: MediaSettings = MediaSettings()
@@ -81,6 +90,7 @@ class _Running:
     length: int = 0  # tokens in the KV row
     last: int = 0  # the sampled token not yet in the KV row
     generated: int = 0
+    cached_tiles: int = 0
     t_submit: float = 0.0
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -113,6 +123,8 @@ class NativeEngine:
         self._cpu_threads = torch.get_num_threads()
         small = sum(p.numel() for p in loaded.model.language_model.parameters()) < 50_000_000
         self._decode_threads = 1 if loaded.device.type == "cpu" and small else 0
+        self.vision_cache = (VisionCache(settings.vision_cache_tiles)
+                             if settings.vision_cache_tiles else None)
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
         self._cv = threading.Condition()
         self._waiting: deque[tuple[JobStream, Prepared, float]] = deque()
@@ -122,6 +134,9 @@ class NativeEngine:
         self._accepting = True
         self._stop = False
         self.steps = 0
+        # A test hook: called as hook("prefill", prepared) and hook("step", rows) before the
+        # model runs, so tests can inject faults (out of memory, hangs) on CPU.
+        self.fault_hook: Callable[[str, object], None] | None = None
         self._outbox = Outbox()  # engine-thread events, delivered once per loop iteration
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -159,8 +174,11 @@ class NativeEngine:
 
     def stats(self) -> dict[str, int]:
         with self._cv:
+            cache = self.vision_cache
             return {"in_flight": self._in_flight, "waiting": len(self._waiting),
-                    "running": len(self._running), "steps": self.steps}
+                    "running": len(self._running), "steps": self.steps,
+                    "vision_cache_hits": cache.hits if cache is not None else 0,
+                    "vision_cache_misses": cache.misses if cache is not None else 0}
 
     def drain(self, grace: float) -> None:
         """Refuse new jobs, let running ones finish for up to `grace` s, then end the rest."""
@@ -201,6 +219,8 @@ class NativeEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                if not (self._waiting or self._running or self._stop):
+                    self._release_memory()
                 while not (self._waiting or self._running or self._stop):
                     self._cv.wait()
                 if self._stop:
@@ -249,9 +269,11 @@ class NativeEngine:
             for stream, _, _ in live:
                 self._end(stream, _as_engine_error(exc))
             return
-        for (stream, prep, t_submit), feats in zip(live, vision):
+        for (stream, prep, t_submit), (feats, cached) in zip(live, vision):
             job = stream.job
             try:
+                if self.fault_hook:
+                    self.fault_hook("prefill", prep)
                 ids = torch.tensor(prep.ids, device=self.lm.device)
                 embeds = self.lm.model.embed(ids, feats, self.image_token_id)
                 row = len(self._running)
@@ -261,30 +283,55 @@ class NativeEngine:
                                TextAssembler(self.lm.tokenizer, job.sampling.stop), ids,
                                length=len(prep.ids), t_submit=t_submit, t_admit=now)
                 run.t_first = time.monotonic()
+                run.cached_tiles = cached
                 self._running.append(run)
                 self._accept(run, run.sampler(logits, run.seen))
             except Exception as exc:
                 if self._running and self._running[-1].stream is stream:
                     self._running.pop()
                 self._end(stream, _as_engine_error(exc))
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self._free_cached_memory()
         self._compact()
 
     @torch.inference_mode()
-    def _encode(self, preps: list[Prepared]) -> list[torch.Tensor | None]:
-        """Vision features for several jobs at once: (tiles_j, 256, hidden) each."""
-        stacks = [p.pixel_values(self.prepare.settings.norm, self.lm.device, self.lm.dtype)
-                  for p in preps if p.tiles is not None]
-        if not stacks:
-            return [None] * len(preps)
-        pixels = torch.cat(stacks)
-        step = self.settings.vision_batch
-        feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + step])
-                           for i in range(0, pixels.shape[0], step)])
-        out, at = [], 0
-        for p in preps:
-            n = 0 if p.tiles is None else p.tiles.shape[0]
-            out.append(feats[at:at + n] if n else None)
-            at += n
+    def _encode(self, preps: list[Prepared]) -> list[tuple[torch.Tensor | None, int]]:
+        """Vision features for several jobs at once, (tiles_j, 256, hidden) each, and how many
+        of those tiles came from the cache. Misses of all jobs go through the tower together."""
+        norm, dev, dtype = self.prepare.settings.norm, self.lm.device, self.lm.dtype
+        found: dict[str, torch.Tensor] = {}
+        todo = []
+        for prep in preps:
+            for group in prep.groups:
+                if group.key in found:
+                    continue
+                cache = self.vision_cache
+                hit = cache.get(group.key) if cache is not None else None
+                if hit is not None:
+                    found[group.key] = hit
+                else:
+                    found[group.key] = None  # placeholder: encoded below
+                    todo.append(group)
+        if todo:
+            pixels = torch.cat([g.pixel_values(norm, dev, dtype) for g in todo])
+            step = self.settings.vision_batch
+            feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + step])
+                               for i in range(0, pixels.shape[0], step)])
+            at = 0
+            for g in todo:
+                n = g.tiles.shape[0]
+                found[g.key] = feats[at:at + n]
+                at += n
+                if self.vision_cache is not None:
+                    self.vision_cache.put(g.key, found[g.key])
+        todo_keys = {g.key for g in todo}
+        out = []
+        for prep in preps:
+            if not prep.groups:
+                out.append((None, 0))
+                continue
+            cached = sum(g.tiles.shape[0] for g in prep.groups if g.key not in todo_keys)
+            out.append((torch.cat([found[g.key] for g in prep.groups]), cached))
         return out
 
     def _step(self) -> None:
@@ -294,8 +341,19 @@ class NativeEngine:
         tokens = torch.tensor([r.last for r in rows], device=self.lm.device)
         positions = torch.tensor([r.length for r in rows], device=self.lm.device)
         try:
+            if self.fault_hook:
+                self.fault_hook("step", rows)
             logits = self.decoder.decode_step(tokens, positions)
-        except Exception as exc:
+        except torch.OutOfMemoryError:
+            # The batch did not fit: the job holding the most cache leaves with
+            # RESOURCE_EXHAUSTED, the others retry the step without it.
+            victim = max(rows, key=lambda r: r.length)
+            victim.finished = True
+            self._end(victim.stream, _as_engine_error(torch.OutOfMemoryError()))
+            self._compact()
+            self._free_cached_memory()
+            return
+        except Exception as exc:  # a bug in the step: every job in it fails, loudly
             for r in rows:
                 r.finished = True
                 self._end(r.stream, _as_engine_error(exc))
@@ -344,12 +402,26 @@ class NativeEngine:
         p = r.prep
         usage = Usage(prompt_tokens=len(p.ids), completion_tokens=r.generated,
                       vision_tokens=self.lm.cfg.patch_tokens * (p.image_tiles + p.video_frames),
-                      image_tiles=p.image_tiles, video_frames=p.video_frames)
+                      image_tiles=p.image_tiles, video_frames=p.video_frames,
+                      cached_tiles=r.cached_tiles)
         timing = Timing(queue_ms=max(0.0, (r.t_admit - r.t_submit) * 1000 - p.preprocess_ms),
                         preprocess_ms=p.preprocess_ms,
                         prefill_ms=(r.t_first - r.t_admit) * 1000,
                         decode_ms=(end - r.t_first) * 1000)
         self._end(r.stream, Finished(reason, r.text.text, usage, timing, tuple(p.adjustments)))
+
+    def _release_memory(self) -> None:
+        """Idle: give the KV rows' growth and the allocator's free pages back."""
+        if self.decoder.slots.capacity > self.decoder.slots.initial:
+            self.decoder.slots.reset()
+            self._free_cached_memory()
+
+    def _free_cached_memory(self) -> None:
+        gc.collect()
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif _LIBC is not None:
+            _LIBC.malloc_trim(0)  # glibc keeps freed arenas otherwise; RSS would stay high
 
     def _reap(self) -> None:
         """Drop running jobs whose client went away or whose deadline passed."""

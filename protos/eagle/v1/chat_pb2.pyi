@@ -142,18 +142,20 @@ class ChatResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., adjustments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "vision_tokens", "image_tiles", "video_frames")
+    __slots__ = ("prompt_tokens", "completion_tokens", "vision_tokens", "image_tiles", "video_frames", "cached_tiles")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VISION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TILES_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TILES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     vision_tokens: int
     image_tiles: int
     video_frames: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., vision_tokens: _Optional[int] = ..., image_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ...) -> None: ...
+    cached_tiles: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., vision_tokens: _Optional[int] = ..., image_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ..., cached_tiles: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "preprocess_ms", "prefill_ms", "decode_ms")
