@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import time
 
+import factory
 import pytest
 import torch
-
-import factory
 from conftest import make_engine
-from service.engine.job import (Cancelled, ChatJob, ChatMessage, Delta, Finished, ImagePart,
-                                OutOfMemory, Role, SamplingParams, TextPart, VideoPart,
-                                VisionParams)
+
+from service.engine.job import (
+    Cancelled,
+    ChatJob,
+    ChatMessage,
+    Delta,
+    Finished,
+    ImagePart,
+    OutOfMemory,
+    Role,
+    SamplingParams,
+    TextPart,
+    VideoPart,
+    VisionParams,
+)
 
 CLIP = factory.video(None, seconds=2, fps=10)
 
