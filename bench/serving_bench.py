@@ -76,16 +76,17 @@ async def _one(stub, request) -> dict:
 
 
 async def _level(target: str, request, concurrency: int, total: int) -> dict:
+    """`request` is one ChatRequest, or a function of the request number returning one."""
+    make = request if callable(request) else (lambda i: request)
     async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        await _one(stub, request)  # warm the path
+        await _one(stub, make(-1))  # warm the path
         queue = list(range(total))
         results: list[dict] = []
 
         async def worker() -> None:
             while queue:
-                queue.pop()
-                results.append(await _one(stub, request))
+                results.append(await _one(stub, make(queue.pop())))
 
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
@@ -126,11 +127,16 @@ def _grpc_cost(target: str, engine_factory) -> dict:
 
 
 def run(out: Path, engine_factory, levels=(1, 4, 16, 64)) -> tuple[str, dict]:
-    image = factory.encode(factory.photo(1024, 768), "JPEG")
+    images = [factory.encode(factory.photo(1024, 768, seed=i), "JPEG") for i in range(160)]
+    counter = iter(range(10**9))
+
+    def one_image(_: int):  # a different image every time: no help from the vision cache
+        return build_request("What is in this picture?", images=[images[next(counter) % 160]],
+                             max_new_tokens=TOKENS, max_tiles_per_image=6)
+
     workloads = {
         "text": build_request("Write a short story about a lighthouse.", max_new_tokens=TOKENS),
-        "1 image (7 tiles)": build_request("What is in this picture?", images=[image],
-                                           max_new_tokens=TOKENS, max_tiles_per_image=6),
+        "1 image (7 tiles)": one_image,
     }
     server = ServerProcess()
     rows, record = [], {"serving": [], "memory": {}}

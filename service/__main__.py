@@ -30,7 +30,8 @@ def build_engine(s: settings_mod.Settings):
                        max_file_bytes=s.max_video_bytes, allow_urls=s.allow_urls))
     return NativeEngine(loaded, EngineSettings(
         max_running=s.max_running, max_queue=s.max_queue, max_batch_tokens=s.max_batch_tokens,
-        preprocess_workers=s.preprocess_workers, media=media))
+        preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
+        video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,8 @@ class EagleServer:
         self.metrics = metrics or Metrics()
         self.metrics.bind_engine(engine)
         self.state = ServingState()
+        self.failed = asyncio.Event()  # set when the engine is wedged
+        self._monitor: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
         rpcs = settings.max_concurrent_rpcs or settings.max_running + settings.max_queue + 64
@@ -84,11 +86,22 @@ class EagleServer:
             await asyncio.to_thread(warm_up, self.engine)
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._monitor = asyncio.create_task(self._watch_engine())
         log.info("serving", extra={"address": self.settings.address, "port": self.port})
+
+    async def _watch_engine(self) -> None:
+        """A wedged engine makes this replica NOT_SERVING and ends the process (exit 3)."""
+        while not getattr(self.engine, "wedged", False):
+            await asyncio.sleep(0.25)
+        self.state.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.failed.set()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let running ones finish within `grace`."""
         grace = self.settings.grace_seconds if grace is None else grace
+        if self._monitor is not None:
+            self._monitor.cancel()
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
@@ -117,9 +130,14 @@ async def serve(settings: Settings, engine, metrics: Metrics | None = None) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(app.start())
-    await stop.wait()
-    log.info("signal received: draining", extra={"grace_s": settings.grace_seconds})
+    stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(app.failed.wait())
+    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         starting.cancel()
+    if app.failed.is_set():
+        log.error("the engine is wedged: stopping so the supervisor restarts this replica")
+        await app.stop(grace=1.0)
+        return 3
+    log.info("signal received: draining", extra={"grace_s": settings.grace_seconds})
     await app.stop()
     return 0

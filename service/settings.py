@@ -25,6 +25,9 @@ class Settings:
     preprocess_workers: int = 2
     max_concurrent_rpcs: int = 0  # 0: running + queued + 64 (health watches, model info)
     default_deadline_s: float = 600.0  # for calls that come without a deadline
+    step_timeout_s: float = 120.0  # a model step longer than this: unhealthy, exit 3
+    video_workers: int = 2  # decoder processes (killed and replaced on a hang or crash)
+    video_memory_mb: int = 4096  # address-space limit of each decoder process
     # limits per request
     max_request_bytes: int = 64 * MiB
     max_messages: int = 64

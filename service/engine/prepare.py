@@ -58,8 +58,10 @@ class Prepared:
 class Preparer:
     """Everything between a ChatJob and token ids: needs the tokenizer and model config only."""
 
-    def __init__(self, tokenizer, cfg, context_length: int, settings: MediaSettings) -> None:
+    def __init__(self, tokenizer, cfg, context_length: int, settings: MediaSettings,
+                 decode_video=vid.decode_video) -> None:
         self.cfg = cfg
+        self.decode_video = decode_video  # in process, or VideoDecoderPool.decode
         self.settings = settings
         self.context_length = context_length
         self.tokens = pr.PromptTokenizer(tokenizer, cfg.image_token_index)
@@ -124,7 +126,7 @@ class Preparer:
 
     def _decode_video(self, k: int, part: VideoPart, source: str | bytes,
                       frames: int) -> vid.DecodedVideo:
-        return _labelled(part, lambda: vid.decode_video(
+        return _labelled(part, lambda: self.decode_video(
             source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
             size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}"))
 
@@ -144,7 +146,8 @@ class Preparer:
             if refs.is_url(uri):
                 return refs.fetch_url(uri, self.settings.refs, label)
             local = stack.enter_context(refs.open_local(uri, self.settings.refs, label))
-            return local.read() if as_bytes else local.proc_path
+            # the checked real path: a decoder process cannot use this process's descriptors
+            return local.read() if as_bytes else str(local.path)
         except PreprocessError as exc:
             exc.field = exc.field or field
             raise

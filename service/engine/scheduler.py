@@ -54,6 +54,12 @@ class EngineSettings:
     preprocess_workers: int = 2
     vision_batch: int = 32
     vision_cache_tiles: int = 256  # 0 turns the cache off
+    # A prefill or decode step running longer than this means the device is wedged (a
+    # running kernel cannot be interrupted): running jobs get UNAVAILABLE, health goes
+    # NOT_SERVING and the server exits for its supervisor to restart it.
+    step_timeout_s: float = 120.0
+    video_workers: int = 0  # decoder processes; 0 decodes in the media threads
+    video_memory_mb: int = 4096
     # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
     batch_invariant: bool | None = None
     media: MediaSettings = MediaSettings()
@@ -108,7 +114,17 @@ class NativeEngine:
         self.context_length = int(context_length or min(
             getattr(tok, "model_max_length", 0) or 1 << 30,
             loaded.cfg.text.max_position_embeddings))
-        self.prepare = Preparer(tok, loaded.cfg, self.context_length, settings.media)
+        self.video_pool = None
+        decode = None
+        if settings.video_workers:
+            from service.engine.video_workers import VideoDecoderPool
+
+            self.video_pool = VideoDecoderPool(settings.video_workers,
+                                               settings.media.video.timeout_s,
+                                               settings.video_memory_mb)
+            decode = self.video_pool.decode
+        self.prepare = Preparer(tok, loaded.cfg, self.context_length, settings.media,
+                                **({"decode_video": decode} if decode else {}))
         self.image_token_id = self.prepare.tokens.img_context
         stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
         self.stop_ids = {i for i in stops if i is not None and i != tok.unk_token_id}
@@ -138,14 +154,22 @@ class NativeEngine:
         # model runs, so tests can inject faults (out of memory, hangs) on CPU.
         self.fault_hook: Callable[[str, object], None] | None = None
         self._outbox = Outbox()  # engine-thread events, delivered once per loop iteration
+        self.wedged = False
+        self._busy_since: float | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
 
     # the interface ------------------------------------------------------------------------
     def submit(self, job: ChatJob) -> JobStream:
         """Queue a job; its events arrive on the returned stream. Full: Overloaded at once."""
         stream = JobStream(job)
         with self._cv:
+            if self.wedged:
+                raise Unavailable("the model is stuck; this replica is restarting, retry on "
+                                  "another")
             if not self._accepting:
                 raise Unavailable("the server is shutting down; retry on another replica")
             cap = self.settings.max_running + self.settings.max_queue
@@ -190,10 +214,12 @@ class NativeEngine:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=0 if self.wedged else 5)
         for stream in list(self._streams.values()):
             self._end(stream, Unavailable("the server shut down before this request finished"))
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.video_pool is not None:
+            self.video_pool.close()
 
     # the media stage (worker threads) -------------------------------------------------------
     def _prepare(self, stream: JobStream, t_submit: float) -> None:
@@ -227,6 +253,7 @@ class NativeEngine:
                     return
                 admitted = self._admit()
             try:
+                self._busy_since = time.monotonic()
                 if admitted:
                     self._prefill(admitted)
                 self._reap()
@@ -238,6 +265,7 @@ class NativeEngine:
                     self._end(r.stream, _as_engine_error(exc))
                 self._running.clear()
             finally:
+                self._busy_since = None
                 self._outbox.flush()
 
     def _admit(self) -> list[tuple[JobStream, Prepared, float]]:
@@ -409,6 +437,26 @@ class NativeEngine:
                         prefill_ms=(r.t_first - r.t_admit) * 1000,
                         decode_ms=(end - r.t_first) * 1000)
         self._end(r.stream, Finished(reason, r.text.text, usage, timing, tuple(p.adjustments)))
+
+    def _watch(self) -> None:
+        """The watchdog: a step over its limit wedges the engine for good (see settings)."""
+        limit = self.settings.step_timeout_s
+        while not self._stop and not self.wedged:
+            time.sleep(min(0.5, limit / 4))
+            since = self._busy_since
+            if since is not None and time.monotonic() - since > limit:
+                self._wedge(limit)
+
+    def _wedge(self, limit: float) -> None:
+        log.error("an engine step has run for over %.1f s: the device is wedged", limit)
+        with self._cv:
+            self.wedged = True
+            self._accepting = False
+            streams = list(self._streams.values())
+        for stream in streams:
+            self._end(stream, Unavailable(
+                f"the model has been stuck for over {limit:g} s; this replica is restarting, "
+                f"retry on another"))
 
     def _release_memory(self) -> None:
         """Idle: give the KV rows' growth and the allocator's free pages back."""

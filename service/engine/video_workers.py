@@ -1,0 +1,121 @@
+"""Video decoding in child processes: a wall-clock timeout, an address-space limit, and a
+fresh process in place of one that hung or crashed. FFmpeg runs native code on hostile
+input; a hang there holds the GIL and a crash takes the process, so it must not be ours."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import resource
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from preprocess import frames
+from preprocess.errors import MediaError
+
+log = logging.getLogger(__name__)
+
+
+def _child(conn: Connection, memory_mb: int) -> None:
+    """The worker loop: decode requests until the pipe closes."""
+    if memory_mb:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    frames.silence_ffmpeg()
+    while True:
+        try:
+            fn, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", fn(**kwargs)))
+        except MediaError as exc:
+            conn.send(("error", exc.message))
+        except MemoryError:
+            conn.send(("error", f"{kwargs.get('label', 'video')}: decoding needed more than the "
+                                f"{memory_mb} MB memory limit"))
+        except Exception as exc:  # anything else the decoder raises is still the file's fault
+            conn.send(("error", f"{kwargs.get('label', 'video')}: cannot decode the video "
+                                f"({type(exc).__name__}: {str(exc)[:100]})"))
+
+
+class _Worker:
+    def __init__(self, ctx, memory_mb: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child, args=(child, memory_mb), daemon=True,
+                                name="video-decoder")
+        self.proc.start()
+        child.close()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class VideoDecoderPool:
+    """`decode(source, num_frames, ...)` with the signature of preprocess.frames.decode_video,
+    run in one of `workers` child processes."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 60.0, memory_mb: int = 4096,
+                 decoder: Callable = frames.decode_video) -> None:
+        self.timeout_s, self.memory_mb, self.decoder = timeout_s, memory_mb, decoder
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._lock = threading.Lock()
+        self.replaced = 0
+        self._all: list[_Worker] = []
+        for _ in range(workers):
+            self._idle.put(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(self._ctx, self.memory_mb)
+        with self._lock:
+            self._all.append(worker)
+        return worker
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        with self._lock:
+            self._all.remove(worker)
+            self.replaced += 1
+        return self._spawn()
+
+    def decode(self, source: str | bytes, num_frames: int, **kwargs) -> frames.DecodedVideo:
+        label = kwargs.get("label", "video")
+        worker = self._idle.get()
+        try:
+            worker.conn.send((self.decoder, {"source": source, "num_frames": num_frames,
+                                             **kwargs}))
+            if not worker.conn.poll(self.timeout_s):
+                worker = self._replace(worker)
+                raise MediaError(f"{label}: decoding took longer than {self.timeout_s:g} s; the "
+                                 f"file may be damaged or far longer than it says")
+            try:
+                kind, payload = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.proc.join(timeout=2)
+                code = worker.proc.exitcode
+                worker = self._replace(worker)
+                raise MediaError(f"{label}: the video decoder crashed on this file (exit "
+                                 f"{code}); the file is damaged or not a video") from None
+        except (BrokenPipeError, ConnectionResetError):
+            worker = self._replace(worker)
+            raise MediaError(f"{label}: the video decoder died; try again") from None
+        finally:
+            self._idle.put(worker)
+        if kind == "ok":
+            return payload
+        raise MediaError(payload)
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._all)
+        for worker in workers:
+            worker.kill()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.proc.pid for w in self._all]

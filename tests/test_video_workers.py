@@ -1,0 +1,52 @@
+"""Video decoding in killable child processes: hangs, crashes and memory hogs fail one request."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import factory
+import faulty_decoders
+from preprocess import frames
+from preprocess.errors import MediaError
+from service.engine.video_workers import VideoDecoderPool
+
+CLIP = factory.video(None, seconds=2, fps=10)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = VideoDecoderPool(workers=1, timeout_s=2.0, memory_mb=1024)
+    yield p
+    p.close()
+
+
+def test_decodes_like_in_process(pool) -> None:
+    out = pool.decode(CLIP, 4, label="video 1")
+    assert out.frames.shape == (4, 448, 448, 3) and out.indices == [2, 7, 12, 16]
+    with pytest.raises(MediaError, match="^video 2: not a supported video container"):
+        pool.decode(b"junk" * 100, 4, label="video 2")
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (faulty_decoders.hang, "video 1: decoding took longer than 2 s"),
+    (faulty_decoders.abort, r"video 1: the video decoder crashed on this file \(exit -6\)"),
+    (faulty_decoders.hog, "video 1: decoding needed more than the 1024 MB memory limit"),
+])
+def test_a_misbehaving_decoder_fails_one_request_and_is_replaced(pool, bad, reason) -> None:
+    before = pool.pids()
+    pool.decoder = bad
+    start = time.monotonic()
+    try:
+        with pytest.raises(MediaError, match=reason):
+            pool.decode(CLIP, 4, label="video 1")
+    finally:
+        pool.decoder = frames.decode_video
+    assert time.monotonic() - start < 6
+    if bad is not faulty_decoders.hog:  # a MemoryError is caught: that worker lives on
+        assert pool.pids() != before and pool.replaced >= 1
+    assert all(pid != os.getpid() for pid in pool.pids())
+    out = pool.decode(CLIP, 2, label="video 1")  # the next request is served
+    assert np.asarray(out.frames).shape == (2, 448, 448, 3)
