@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from eagle.v1 import chat_pb2, chat_pb2_grpc
+from eagle.v1 import chat_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
@@ -18,11 +18,33 @@ from service.converters import Limits
 from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingParams, TextPart
 from service.interceptors import AuthInterceptor
 from service.metrics import Metrics
-from service.servicer import ChatServicer, ServingState
+from service.servicer import ChatServicer, ServingState, Undecodable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+def chat_handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
+    """ChatService's handlers, with a request parser that never fails: bytes that are not a
+    ChatRequest (invalid UTF-8 in a string field, garbage) reach the servicer as
+    Undecodable and get INVALID_ARGUMENT, where grpcio would answer INTERNAL."""
+
+    def parse(data: bytes):
+        try:
+            return chat_pb2.ChatRequest.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, and UnicodeDecodeError in strings
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    out = chat_pb2.ChatResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Chat": grpc.unary_unary_rpc_method_handler(servicer.Chat, parse, out),
+        "StreamChat": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamChat, parse, chat_pb2.ChatChunk.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, chat_pb2.GetModelInfoRequest.FromString,
+            chat_pb2.ModelInfo.SerializeToString),
+    })
 
 
 def server_options(s: Settings) -> list[tuple[str, int]]:
@@ -58,7 +80,7 @@ class EagleServer:
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
                                      {"max_request_bytes": settings.max_request_bytes},
                                      settings.default_deadline_s)
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self.server)
+        self.server.add_generic_rpc_handlers((chat_handlers(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

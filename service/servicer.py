@@ -12,7 +12,7 @@ from eagle.v1 import chat_pb2, chat_pb2_grpc
 from service import __version__, converters, logs
 from service.engine.job import Delta, Finished, Unavailable
 from service.engine.scheduler import Engine
-from service.errors import classify, rich_status
+from service.errors import RequestError, classify, rich_status
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,13 @@ class ServingState:
             raise Unavailable("the server is warming up; retry shortly")
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Request bytes that did not parse as a ChatRequest."""
+
+    why: str
+
+
 class _Call:
     """Bookkeeping of one Chat/StreamChat RPC: id, timing, metrics, cancellation, one log line."""
 
@@ -45,8 +52,11 @@ class _Call:
         self.done: Finished | None = None
         self._token = None
 
-    def submit(self, request: chat_pb2.ChatRequest):
+    def submit(self, request: chat_pb2.ChatRequest | Undecodable):
         self.owner.metrics.active.inc()
+        if isinstance(request, Undecodable):
+            raise RequestError("request", f"the message is not a valid eagle.v1.ChatRequest "
+                                          f"({request.why[:200]})")
         self.rid = converters.request_id(request)
         self._token = logs.request_id.set(self.rid)
         self.owner.state.check()

@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 import time
 
+import factory
+import faulty_decoders
 import numpy as np
 import pytest
 
-import factory
-import faulty_decoders
 from preprocess import frames
 from preprocess.errors import MediaError
 from service.engine.video_workers import VideoDecoderPool

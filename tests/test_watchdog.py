@@ -5,10 +5,9 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import make_engine
 from eagle.v1 import chat_pb2, chat_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import RunningServer
 
 
