@@ -11,7 +11,10 @@ PROTO_SRC := protos/eagle/v1/chat.proto
 DEMO_DIR ?= .demo
 BENCH_OUT ?= bench/results
 
-.PHONY: help install protos serve demo test test-fast lint bench tiny-model clean
+FUZZ_SECONDS ?= 60
+SOAK_REQUESTS ?= 2000
+
+.PHONY: help install protos serve demo test lint bench tiny-model fuzz soak clean
 
 help:
 	@echo "install     install the project with the server and dev extras"
@@ -22,6 +25,8 @@ help:
 	@echo "lint        ruff over the sources"
 	@echo "bench       run the benchmarks (table printed, JSON in $(BENCH_OUT))"
 	@echo "tiny-model  write the embedded random-weight model to its cache folder"
+	@echo "fuzz        atheris on the image and video decoders, FUZZ_SECONDS each"
+	@echo "soak        mixed load with cancels, deadlines, poison and a restart; a ledger"
 
 install:
 	$(PYTHON) -m pip install --upgrade pip
@@ -53,5 +58,16 @@ bench:
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) -m bench --out $(BENCH_OUT)
 
+fuzz:
+	$(PYTHON) -m pip install "atheris>=2.3"
+	$(PYTHON) fuzz/seeds.py fuzz/corpus
+	PYTHONPATH=.:protos $(PYTHON) fuzz/fuzz_image.py -max_total_time=$(FUZZ_SECONDS) \
+		-timeout=5 -rss_limit_mb=2048 fuzz/corpus/image
+	PYTHONPATH=.:protos $(PYTHON) fuzz/fuzz_video.py -max_total_time=$(FUZZ_SECONDS) \
+		-timeout=10 -rss_limit_mb=2048 fuzz/corpus/video
+
+soak:
+	$(PYTHON) -m bench.soak --requests $(SOAK_REQUESTS) --out $(BENCH_OUT)
+
 clean:
-	rm -rf $(DEMO_DIR) $(BENCH_OUT) build *.egg-info
+	rm -rf $(DEMO_DIR) $(BENCH_OUT) build *.egg-info fuzz/corpus

@@ -103,8 +103,8 @@ def open_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "i
         orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "PNG", "WEBP") else 1
     except Exception:  # a damaged EXIF block is ignored, as browsers do
         orientation = 1
-    if getattr(im, "is_animated", False):
-        im.seek(0)  # first frame only; never walk the frames (a GIF may hold thousands)
+    # An animation stays on its first frame: never ask is_animated or n_frames, which walk
+    # the file (a GIF may hold thousands of frames, or a damaged second one).
     return OpenedImage(im, fmt, label, orientation if 1 <= orientation <= 8 else 1)
 
 

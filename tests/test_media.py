@@ -5,6 +5,7 @@ import io
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import factory
 import numpy as np
@@ -70,6 +71,10 @@ REJECTED = {
     "ICO": (factory.encode(PHOTO, "ICO"), "not a supported image"),
     "over the byte cap": (b"\xff\xd8" + b"\x00" * (2 * 1024 * 1024),
                           "over the 1,048,576-byte limit"),
+    # found by fuzz/fuzz_image.py: once raised IndexError from Pillow's is_animated
+    "GIF cut in its second frame": (
+        (Path(__file__).parent / "data" / "gif-cut-in-second-frame.gif").read_bytes(),
+        "the GIF data is damaged or truncated"),
 }
 
 ACCEPTED = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import factory
 import faulty_decoders
@@ -50,3 +51,12 @@ def test_a_misbehaving_decoder_fails_one_request_and_is_replaced(pool, bad, reas
     assert all(pid != os.getpid() for pid in pool.pids())
     out = pool.decode(CLIP, 2, label="video 1")  # the next request is served
     assert np.asarray(out.frames).shape == (2, 448, 448, 3)
+
+
+def test_the_input_that_hung_ffmpeg_under_the_fuzzer_is_contained(pool) -> None:
+    data = (Path(__file__).parent / "data" / "mkv-native-hang-under-libfuzzer.mkv").read_bytes()
+    start = time.monotonic()
+    with pytest.raises(MediaError, match="^video 1: "):
+        pool.decode(data, 4, label="video 1")
+    assert time.monotonic() - start < 6  # decoded, rejected, or killed at the 2 s timeout
+    assert pool.decode(CLIP, 2, label="video 1").frames.shape[0] == 2
