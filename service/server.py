@@ -17,6 +17,7 @@ from PIL import Image
 from service.converters import Limits
 from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingParams, TextPart
 from service.interceptors import AuthInterceptor
+from service.ledger import Ledger
 from service.metrics import Metrics
 from service.servicer import ChatServicer, ServingState, Undecodable
 from service.settings import Settings
@@ -77,9 +78,10 @@ class EagleServer:
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings),
                                       maximum_concurrent_rpcs=rpcs)
         limits = Limits.from_settings(settings, engine.info().max_tiles_per_image)
+        self.ledger = Ledger(settings.ledger_file) if settings.ledger_file else None
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
                                      {"max_request_bytes": settings.max_request_bytes},
-                                     settings.default_deadline_s)
+                                     settings.default_deadline_s, self.ledger)
         self.server.add_generic_rpc_handlers((chat_handlers(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -128,6 +130,8 @@ class EagleServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await asyncio.to_thread(self.engine.drain, 0)
+        if self.ledger is not None:
+            self.ledger.close()
         log.info("stopped")
 
 

@@ -13,6 +13,7 @@ from service import __version__, converters, logs
 from service.engine.job import Delta, Finished, Unavailable
 from service.engine.scheduler import Engine
 from service.errors import RequestError, classify, rich_status
+from service.ledger import NoLedger
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class _Call:
                                           f"({request.why[:200]})")
         self.rid = converters.request_id(request)
         self._token = logs.request_id.set(self.rid)
+        self.owner.ledger.write("accepted", self.rid, method=self.method)
         self.owner.state.check()
         remaining = self.context.time_remaining()
         if remaining is None:  # no deadline from the client: the server's default applies
@@ -100,6 +102,8 @@ class _Call:
             extra.update(prompt_tokens=self.done.usage.prompt_tokens,
                          completion_tokens=self.done.usage.completion_tokens)
         log.info("rpc done", extra=extra)
+        if self.rid:
+            self.owner.ledger.write("terminal", self.rid, code=self.code)
         if self._token is not None:
             logs.request_id.reset(self._token)
 
@@ -109,10 +113,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     def __init__(self, engine: Engine, limits: converters.Limits, metrics: Metrics,
                  state: ServingState, info: dict[str, int],
-                 default_deadline_s: float = 600.0) -> None:
+                 default_deadline_s: float = 600.0, ledger=None) -> None:
         self.engine, self.limits, self.metrics, self.state = engine, limits, metrics, state
         self.info = info
         self.default_deadline_s = default_deadline_s
+        self.ledger = ledger or NoLedger()
 
     async def Chat(self, request: chat_pb2.ChatRequest,  # noqa: N802 (the contract's name)
                    context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:

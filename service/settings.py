@@ -60,6 +60,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     grace_seconds: float = 30.0
     warmup: bool = True
+    ledger_file: str = ""  # append accepted/terminal records of every RPC (soak tests)
     log_format: str = "json"
     log_level: str = "INFO"
     keepalive_time_ms: int = 60_000

@@ -2,15 +2,14 @@
 server is still SERVING with nothing in flight afterwards."""
 from __future__ import annotations
 
+import factory
 import grpc
 import pytest
+from eagle.v1 import chat_pb2 as P
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import RunningServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import factory
-from eagle.v1 import chat_pb2 as P
-from harness import RunningServer
 from test_media import REJECTED
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
