@@ -11,7 +11,7 @@ import torch  # noqa: F401
 
 with atheris.instrument_imports(include=["preprocess"]):
     from preprocess.errors import MediaError
-    from preprocess.frames import VideoPolicy, decode_video, silence_ffmpeg
+    from preprocess.frames import VideoPolicy, decode_video
 
 POLICY = VideoPolicy(timeout_s=4.0, max_decoded_frames=2000, threads=1)
 
@@ -24,6 +24,5 @@ def one(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    silence_ffmpeg()
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()

@@ -5,7 +5,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +18,8 @@ from preprocess.errors import MediaError
 
 log = logging.getLogger(__name__)
 
+# PyAV's log level stays at its default (None: no Python log callback). A callback needs the
+# GIL from FFmpeg's own threads, which deadlocks against a thread freeing a codec context.
 # Demuxers we let FFmpeg use, chosen by magic bytes, never by FFmpeg's probe: a probe can
 # pick the HLS or concat demuxers, which open further URLs named inside the file.
 # A stream may end a little before the duration its container declares.
@@ -277,9 +279,3 @@ def _guard(label: str, what: str) -> Iterator[None]:
         text = str(exc) or type(exc).__name__
         raise MediaError(f"{label}: cannot {what} the video: it is damaged or not a "
                          f"video ({text[:120]})") from None
-
-
-def silence_ffmpeg(level: int = av.logging.PANIC) -> Callable[[], None]:
-    """Keep FFmpeg's per-packet complaints about damaged input out of the service's logs."""
-    av.logging.set_level(level)
-    return lambda: av.logging.set_level(av.logging.WARNING)

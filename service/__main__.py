@@ -12,14 +12,13 @@ from service import settings as settings_mod
 
 def build_engine(s: settings_mod.Settings):
     """The native engine over the model `s.model`, with the settings' limits."""
-    from preprocess.frames import VideoPolicy, silence_ffmpeg
+    from preprocess.frames import VideoPolicy
     from preprocess.media import ImagePolicy
     from preprocess.refs import RefPolicy
     from service.engine.loader import load_model, resolve_model
     from service.engine.prepare import MediaSettings
     from service.engine.scheduler import EngineSettings, NativeEngine
 
-    silence_ffmpeg()
     folder = resolve_model(s.model, Path(s.cache_dir) if s.cache_dir else None)
     loaded = load_model(folder, s.device)
     media = MediaSettings(

@@ -154,3 +154,15 @@ def test_jpeg_draft_decodes_smaller_but_covers_the_requested_size() -> None:
     im = open_image(data).load(min_size=(600, 400))
     assert im.size == (1000, 750)
     assert open_image(data).load().size == (2000, 1500)
+
+
+def test_decoders_carry_their_security_fixes() -> None:
+    from PIL import features
+
+    def version(name: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in features.version(name).split(".")[:3])
+
+    assert version("webp") >= (1, 3, 2)  # CVE-2023-4863 (libwebp heap overflow)
+    import PIL
+
+    assert tuple(int(p) for p in PIL.__version__.split(".")[:2]) >= (11, 3)

@@ -60,3 +60,17 @@ def test_the_input_that_hung_ffmpeg_under_the_fuzzer_is_contained(pool) -> None:
         pool.decode(data, 4, label="video 1")
     assert time.monotonic() - start < 6  # decoded, rejected, or killed at the 2 s timeout
     assert pool.decode(CLIP, 2, label="video 1").frames.shape[0] == 2
+
+
+def test_the_callers_deadline_bounds_the_wait_and_the_decode(pool) -> None:
+    from service.engine.job import DeadlineExceeded
+
+    pool.decoder = faulty_decoders.hang
+    try:
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="video 1: the deadline passed while decoding"):
+            pool.decode(CLIP, 4, label="video 1", deadline=time.monotonic() + 0.3)
+        assert time.monotonic() - start < 1.5
+    finally:
+        pool.decoder = frames.decode_video
+    assert pool.decode(CLIP, 2, label="video 1").frames.shape[0] == 2

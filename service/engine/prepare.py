@@ -97,7 +97,7 @@ class Preparer:
             except ContextOverflow as exc:
                 exc.field = "messages"
                 raise
-            decoded = [self._decode_video(k, p, src, n) for k, (p, src, n)
+            decoded = [self._decode_video(k, p, src, n, job.deadline) for k, (p, src, n)
                        in enumerate(zip(videos, sources, plan.video_frames))]
             per_image = [self._tile(o, c, p) for o, c, p in zip(opened, plan.tile_caps, images)]
         segments = pr.conversation(job.messages, [d.timestamps for d in decoded],
@@ -124,11 +124,13 @@ class Preparer:
         return Prepared(job, ids, groups, sum(counts), sum(plan.video_frames), plan.adjustments,
                         (time.perf_counter() - start) * 1000, text_tokens)
 
-    def _decode_video(self, k: int, part: VideoPart, source: str | bytes,
-                      frames: int) -> vid.DecodedVideo:
+    def _decode_video(self, k: int, part: VideoPart, source: str | bytes, frames: int,
+                      deadline: float | None) -> vid.DecodedVideo:
+        extra = {} if self.decode_video is vid.decode_video else {"deadline": deadline}
         return _labelled(part, lambda: self.decode_video(
             source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
-            size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}"))
+            size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}",
+            **extra))
 
     def _open_image(self, part: ImagePart, k: int, stack: ExitStack) -> OpenedImage:
         label = f"image {k + 1}"

@@ -8,11 +8,13 @@ import multiprocessing
 import queue
 import resource
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from preprocess import frames
 from preprocess.errors import MediaError
+from service.engine.job import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,6 @@ def _child(conn: Connection, memory_mb: int) -> None:
     if memory_mb:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    frames.silence_ffmpeg()
     while True:
         try:
             fn, kwargs = conn.recv()
@@ -38,6 +39,11 @@ def _child(conn: Connection, memory_mb: int) -> None:
         except Exception as exc:  # anything else the decoder raises is still the file's fault
             conn.send(("error", f"{kwargs.get('label', 'video')}: cannot decode the video "
                                 f"({type(exc).__name__}: {str(exc)[:100]})"))
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (at least a millisecond), or None without one."""
+    return None if deadline is None else max(0.001, deadline - time.monotonic())
 
 
 class _Worker:
@@ -83,14 +89,24 @@ class VideoDecoderPool:
             self.replaced += 1
         return self._spawn()
 
-    def decode(self, source: str | bytes, num_frames: int, **kwargs) -> frames.DecodedVideo:
+    def decode(self, source: str | bytes, num_frames: int, *, deadline: float | None = None,
+               **kwargs) -> frames.DecodedVideo:
+        """Decode in a worker; `deadline` (time.monotonic()) also bounds the wait for a free
+        worker and the decode itself: past it the worker is replaced, the job is over."""
         label = kwargs.get("label", "video")
-        worker = self._idle.get()
+        try:
+            worker = self._idle.get(timeout=_left(deadline))
+        except queue.Empty:
+            raise DeadlineExceeded(f"{label}: the deadline passed while waiting for a video "
+                                   f"decoder") from None
         try:
             worker.conn.send((self.decoder, {"source": source, "num_frames": num_frames,
                                              **kwargs}))
-            if not worker.conn.poll(self.timeout_s):
+            limit = min(self.timeout_s, _left(deadline) or self.timeout_s)
+            if not worker.conn.poll(limit):
                 worker = self._replace(worker)
+                if limit < self.timeout_s:
+                    raise DeadlineExceeded(f"{label}: the deadline passed while decoding")
                 raise MediaError(f"{label}: decoding took longer than {self.timeout_s:g} s; the "
                                  f"file may be damaged or far longer than it says")
             try:
