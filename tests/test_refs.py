@@ -58,7 +58,7 @@ def test_references_outside_or_odd_are_refused_quickly(root: Path, ref: str, kin
     start = time.monotonic()
     with pytest.raises(kind, match=reason):
         open_local(ref, RefPolicy(media_roots=(root,)))
-    assert time.monotonic() - start < 0.05
+    assert time.monotonic() - start < 0.2
 
 
 def test_size_cap_and_no_roots(root: Path) -> None:

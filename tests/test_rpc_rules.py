@@ -138,7 +138,7 @@ def test_concurrent_rpc_cap_sheds_load_at_once(tiny) -> None:
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             stub.Chat(request(max_new_tokens=1), timeout=10)
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 1.5
         assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "Concurrent RPC limit exceeded" in info.value.details()
         for call in held:

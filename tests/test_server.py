@@ -169,7 +169,7 @@ def test_overload_rejects_the_third_call_at_once(tiny) -> None:
         assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 1  # ... one waits
         start = time.monotonic()
         err = _fails(srv.target, user_text("third", max_new_tokens=2))
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 2.0  # at once: no waiting behind the queue
         assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert err.details() == "the server is at capacity (1 running, 1 queued); retry later"
         for call in long:
@@ -203,7 +203,7 @@ def test_deadline_ends_a_long_generation_promptly(server) -> None:
     except grpc.RpcError as exc:
         err = exc
     assert err is not None and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0  # the 4000-token reply would take several seconds
     deadline = time.monotonic() + 5
     while server.app.engine.stats()["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.01)

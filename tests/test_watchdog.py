@@ -26,7 +26,7 @@ def test_a_step_over_its_limit_fails_calls_with_unavailable_and_flips_health(tin
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             chat_pb2_grpc.ChatServiceStub(channel).Chat(req, timeout=30)
-        assert time.monotonic() - start < 2.5
+        assert time.monotonic() - start < 2.8  # before the 3 s hang ends
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "stuck for over 0.5 s; this replica is restarting" in info.value.details()
         health = health_pb2_grpc.HealthStub(channel)
