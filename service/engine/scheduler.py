@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from service.engine.stream import JobStream, Outbox
 from service.engine.vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
+_IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):
     _LIBC = None
@@ -245,13 +245,19 @@ class NativeEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                if not (self._waiting or self._running or self._stop):
-                    self._release_memory()
+                idle = not (self._waiting or self._running or self._stop)
                 while not (self._waiting or self._running or self._stop):
-                    self._cv.wait()
-                if self._stop:
-                    return
-                admitted = self._admit()
+                    if not self._cv.wait(timeout=_IDLE_RELEASE_S) and idle:
+                        break  # idle for a while: give memory back, outside the lock
+                if idle and not (self._waiting or self._running or self._stop):
+                    admitted = None
+                else:
+                    admitted = [] if self._stop else self._admit()
+            if admitted is None:
+                self._release_memory()
+                continue
+            if self._stop:
+                return
             try:
                 self._busy_since = time.monotonic()
                 if admitted:
@@ -465,7 +471,8 @@ class NativeEngine:
             self._free_cached_memory()
 
     def _free_cached_memory(self) -> None:
-        gc.collect()
+        # no gc.collect(): tensors are freed by reference counting, and a full collection
+        # over torch's object graph takes a few hundred milliseconds
         if self.lm.device.type == "cuda":
             torch.cuda.empty_cache()
         elif _LIBC is not None:
