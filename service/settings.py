@@ -60,6 +60,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     grace_seconds: float = 30.0
     warmup: bool = True
+    gil_switch_ms: float = 0.5  # sys.setswitchinterval for the server process
     ledger_file: str = ""  # append accepted/terminal records of every RPC (soak tests)
     log_format: str = "json"
     log_level: str = "INFO"
