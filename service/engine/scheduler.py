@@ -346,13 +346,16 @@ class NativeEngine:
                 else:
                     found[group.key] = None  # placeholder: encoded below
                     todo.append(group)
-        if todo:
-            pixels = torch.cat([g.pixel_values(norm, dev, dtype) for g in todo])
-            step = self.settings.vision_batch
+        # Batch-invariant mode encodes each image (or video) on its own, so its features do
+        # not depend on what else was admitted with it; otherwise all misses go together.
+        batches = [[g] for g in todo] if self.decoder.invariant else ([todo] if todo else [])
+        step = self.settings.vision_batch
+        for batch in batches:
+            pixels = torch.cat([g.pixel_values(norm, dev, dtype) for g in batch])
             feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + step])
                                for i in range(0, pixels.shape[0], step)])
             at = 0
-            for g in todo:
+            for g in batch:
                 n = g.tiles.shape[0]
                 found[g.key] = feats[at:at + n]
                 at += n
