@@ -262,6 +262,7 @@ class NativeEngine:
                 self._busy_since = time.monotonic()
                 if admitted:
                     self._prefill(admitted)
+                    self._outbox.flush()  # first tokens out now, not after the batch's step
                 self._reap()
                 if self._running:
                     self._step()
