@@ -131,8 +131,10 @@ class Decoder:
         """Row by row over each row's own length: what a row sees never depends on others."""
         outs = []
         for r, pos in enumerate(positions.tolist()):
-            keys = self.slots.k[i][r:r + 1, :, :pos + 1]
-            values = self.slots.v[i][r:r + 1, :, :pos + 1]
+            # contiguous copies: the kernel's blocking follows the strides, and the strides
+            # follow the pool's capacity, which depends on the other rows
+            keys = self.slots.k[i][r:r + 1, :, :pos + 1].contiguous()
+            values = self.slots.v[i][r:r + 1, :, :pos + 1].contiguous()
             outs.append(F.scaled_dot_product_attention(
                 q[r:r + 1], keys, values, scale=self.scale,
                 enable_gqa=self.heads != self.kv_heads))
