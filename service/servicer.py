@@ -10,8 +10,8 @@ import grpc
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 
 from service import __version__, converters, logs
+from service.engine.interface import Engine
 from service.engine.job import Delta, Finished, Unavailable
-from service.engine.scheduler import Engine
 from service.errors import RequestError, classify, rich_status
 from service.ledger import NoLedger
 from service.metrics import Metrics

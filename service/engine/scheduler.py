@@ -10,12 +10,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from preprocess.errors import PreprocessError
 from service.engine.detok import TextAssembler
+from service.engine.interface import EngineInfo, EngineSettings
+
+__all__ = ["EngineSettings", "NativeEngine"]
 from service.engine.job import (
     Cancelled,
     ChatJob,
@@ -32,58 +34,16 @@ from service.engine.job import (
 )
 from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
-from service.engine.prepare import MediaSettings, Prepared, Preparer
+from service.engine.prepare import Prepared, Preparer
 from service.engine.sampling import Sampler
 from service.engine.stream import JobStream, Outbox
-from service.engine.vision_cache import VisionCache
+from service.engine.vision import VisionCache, VisionEncoder
 
 log = logging.getLogger(__name__)
 _IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):
     _LIBC = None
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Capacity of the engine: what runs at once, what may wait, and the media stage."""
-
-    max_running: int = 16
-    max_queue: int = 64
-    max_batch_tokens: int = 262_144
-    preprocess_workers: int = 2
-    vision_batch: int = 32
-    vision_cache_tiles: int = 256  # 0 turns the cache off
-    # A prefill or decode step running longer than this means the device is wedged (a
-    # running kernel cannot be interrupted): running jobs get UNAVAILABLE, health goes
-    # NOT_SERVING and the server exits for its supervisor to restart it.
-    step_timeout_s: float = 120.0
-    video_workers: int = 0  # decoder processes; 0 decodes in the media threads
-    video_memory_mb: int = 4096
-    # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
-    batch_invariant: bool | None = None
-    media: MediaSettings = MediaSettings()
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model_name: str
-    model_type: str
-    context_length: int
-    tokens_per_tile: int
-    tile_size: int
-    max_tiles_per_image: int
-    device: str
-
-
-class Engine(Protocol):
-    """What the servicer needs from an engine; it knows nothing of protobuf."""
-
-    def submit(self, job: ChatJob) -> JobStream: ...
-
-    def cancel(self, request_id: str) -> bool: ...
-
-    def info(self) -> EngineInfo: ...
 
 
 @dataclass
@@ -106,8 +66,9 @@ class _Running:
 class NativeEngine:
     """Eagle2 on transformers' modules with continuous batching in one engine thread."""
 
-    def __init__(self, loaded: LoadedModel, settings: EngineSettings = EngineSettings(),
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings | None = None,
                  context_length: int | None = None) -> None:
+        settings = settings or EngineSettings()
         self.lm = loaded
         self.settings = settings
         tok = loaded.tokenizer
@@ -141,6 +102,8 @@ class NativeEngine:
         self._decode_threads = 1 if loaded.device.type == "cpu" and small else 0
         self.vision_cache = (VisionCache(settings.vision_cache_tiles)
                              if settings.vision_cache_tiles else None)
+        self.vision = VisionEncoder(loaded, self.vision_cache, settings.media.norm,
+                                    settings.vision_batch, invariant)
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
         self._cv = threading.Condition()
         self._waiting: deque[tuple[JobStream, Prepared, float]] = deque()
@@ -299,7 +262,7 @@ class NativeEngine:
                 continue
             live.append((stream, prep, t_submit))
         try:
-            vision = self._encode([p for _, p, _ in live])
+            vision = self.vision.encode([p for _, p, _ in live])
         except Exception as exc:  # fails every job of this admission, none of the running
             for stream, _, _ in live:
                 self._end(stream, _as_engine_error(exc))
@@ -328,49 +291,6 @@ class NativeEngine:
                 if isinstance(exc, torch.OutOfMemoryError):
                     self._free_cached_memory()
         self._compact()
-
-    @torch.inference_mode()
-    def _encode(self, preps: list[Prepared]) -> list[tuple[torch.Tensor | None, int]]:
-        """Vision features for several jobs at once, (tiles_j, 256, hidden) each, and how many
-        of those tiles came from the cache. Misses of all jobs go through the tower together."""
-        norm, dev, dtype = self.prepare.settings.norm, self.lm.device, self.lm.dtype
-        found: dict[str, torch.Tensor] = {}
-        todo = []
-        for prep in preps:
-            for group in prep.groups:
-                if group.key in found:
-                    continue
-                cache = self.vision_cache
-                hit = cache.get(group.key) if cache is not None else None
-                if hit is not None:
-                    found[group.key] = hit
-                else:
-                    found[group.key] = None  # placeholder: encoded below
-                    todo.append(group)
-        # Batch-invariant mode encodes each image (or video) on its own, so its features do
-        # not depend on what else was admitted with it; otherwise all misses go together.
-        batches = [[g] for g in todo] if self.decoder.invariant else ([todo] if todo else [])
-        step = self.settings.vision_batch
-        for batch in batches:
-            pixels = torch.cat([g.pixel_values(norm, dev, dtype) for g in batch])
-            feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + step])
-                               for i in range(0, pixels.shape[0], step)])
-            at = 0
-            for g in batch:
-                n = g.tiles.shape[0]
-                found[g.key] = feats[at:at + n]
-                at += n
-                if self.vision_cache is not None:
-                    self.vision_cache.put(g.key, found[g.key])
-        todo_keys = {g.key for g in todo}
-        out = []
-        for prep in preps:
-            if not prep.groups:
-                out.append((None, 0))
-                continue
-            cached = sum(g.tiles.shape[0] for g in prep.groups if g.key not in todo_keys)
-            out.append((torch.cat([found[g.key] for g in prep.groups]), cached))
-        return out
 
     def _step(self) -> None:
         rows = self._running

@@ -1,0 +1,51 @@
+"""What an engine is to the servicer: its settings, its description, and its interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.engine.job import ChatJob
+from service.engine.prepare import MediaSettings
+from service.engine.stream import JobStream
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Capacity of the engine: what runs at once, what may wait, and the media stage."""
+
+    max_running: int = 16
+    max_queue: int = 64
+    max_batch_tokens: int = 262_144
+    preprocess_workers: int = 2
+    vision_batch: int = 32
+    vision_cache_tiles: int = 256  # 0 turns the cache off
+    # A prefill or decode step running longer than this means the device is wedged (a
+    # running kernel cannot be interrupted): running jobs get UNAVAILABLE, health goes
+    # NOT_SERVING and the server exits for its supervisor to restart it.
+    step_timeout_s: float = 120.0
+    video_workers: int = 0  # decoder processes; 0 decodes in the media threads
+    video_memory_mb: int = 4096
+    # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
+    batch_invariant: bool | None = None
+    media: MediaSettings = MediaSettings()
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_name: str
+    model_type: str
+    context_length: int
+    tokens_per_tile: int
+    tile_size: int
+    max_tiles_per_image: int
+    device: str
+
+
+class Engine(Protocol):
+    """What the servicer needs from an engine; it knows nothing of protobuf."""
+
+    def submit(self, job: ChatJob) -> JobStream: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def info(self) -> EngineInfo: ...

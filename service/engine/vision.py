@@ -1,0 +1,102 @@
+"""Vision embeddings for admitted jobs: a bounded LRU keyed by media content, so re-sent images
+skip the tower, and the encoder that fills it."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+from service.engine.loader import LoadedModel
+from service.engine.prepare import Prepared
+
+
+class VisionCache:
+    """Embeddings (tiles, 256, hidden) by content key; capacity counted in tiles."""
+
+    def __init__(self, max_tiles: int) -> None:
+        self.max_tiles = max_tiles
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._tiles = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: str, feats: torch.Tensor) -> None:
+        n = feats.shape[0]
+        if n > self.max_tiles:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = feats
+            self._tiles += n
+            while self._tiles > self.max_tiles:
+                _, old = self._items.popitem(last=False)
+                self._tiles -= old.shape[0]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._tiles = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class VisionEncoder:
+    """Runs the vision tower (SigLIP, pixel shuffle, mlp1) for the jobs of one admission."""
+
+    def __init__(self, lm: LoadedModel, cache: VisionCache | None, norm: str, batch: int,
+                 invariant: bool) -> None:
+        self.lm, self.cache, self.norm, self.batch = lm, cache, norm, batch
+        self.invariant = invariant
+
+    @torch.inference_mode()
+    def encode(self, preps: list[Prepared]) -> list[tuple[torch.Tensor | None, int]]:
+        """Features per job, (tiles_j, 256, hidden), and how many of its tiles were cached.
+        Misses go through the tower together (or one image at a time, batch-invariant)."""
+        dev, dtype = self.lm.device, self.lm.dtype
+        found: dict[str, torch.Tensor] = {}
+        todo = []
+        for prep in preps:
+            for group in prep.groups:
+                if group.key in found:
+                    continue
+                hit = self.cache.get(group.key) if self.cache is not None else None
+                found[group.key] = hit
+                if hit is None:
+                    todo.append(group)
+        # Batch-invariant mode encodes each image (or video) on its own, so its features do
+        # not depend on what else was admitted with it; otherwise all misses go together.
+        batches = [[g] for g in todo] if self.invariant else ([todo] if todo else [])
+        for batch in batches:
+            pixels = torch.cat([g.pixel_values(self.norm, dev, dtype) for g in batch])
+            feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + self.batch])
+                               for i in range(0, pixels.shape[0], self.batch)])
+            at = 0
+            for g in batch:
+                n = g.tiles.shape[0]
+                found[g.key] = feats[at:at + n]
+                at += n
+                if self.cache is not None:
+                    self.cache.put(g.key, found[g.key])
+        fresh = {g.key for g in todo}
+        out: list[tuple[torch.Tensor | None, int]] = []
+        for prep in preps:
+            if not prep.groups:
+                out.append((None, 0))
+                continue
+            cached = sum(g.tiles.shape[0] for g in prep.groups if g.key not in fresh)
+            out.append((torch.cat([found[g.key] for g in prep.groups]), cached))
+        return out
