@@ -104,6 +104,9 @@ def test_cli_streams_prints_json_and_reports_errors(server, media_root) -> None:
     data = json.loads(as_json.stdout)
     assert data["finish_reason"] == "length" and data["usage"]["video_frames"] == 4
     assert data["usage"]["completion_tokens"] == 4
+    info = subprocess.run(cli + ["--info"], env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert info.returncode == 0 and json.loads(info.stdout)["model_type"] == "eagle_chat"
     bad = subprocess.run(cli + ["--max-tokens", "999999", "hi"], env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
