@@ -16,8 +16,6 @@ import torch
 from preprocess.errors import PreprocessError
 from service.engine.detok import TextAssembler
 from service.engine.interface import EngineInfo, EngineSettings
-
-__all__ = ["EngineSettings", "NativeEngine"]
 from service.engine.job import (
     Cancelled,
     ChatJob,
@@ -38,6 +36,8 @@ from service.engine.prepare import Prepared, Preparer
 from service.engine.sampling import Sampler
 from service.engine.stream import JobStream, Outbox
 from service.engine.vision import VisionCache, VisionEncoder
+
+__all__ = ["EngineSettings", "NativeEngine"]  # EngineSettings re-exported for callers
 
 log = logging.getLogger(__name__)
 _IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
