@@ -169,3 +169,18 @@ def test_tiny_is_written_deterministically(tiny_dir, tmp_path) -> None:
         assert digest[0] == digest[1], name
     cfg = read_config(again)
     assert cfg.model_type == "eagle_chat" and cfg.patch_tokens == 256 and cfg.image_size == 448
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_batched_decode_matches_transformers_for_rows_of_different_lengths(tiny, invariant):
+    lm = tiny.model.language_model
+    ids = torch.randint(0, 600, (60,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = lm(input_ids=ids[None]).logits[0]
+        dec = Decoder(lm, 4, batch_invariant=invariant)
+        lengths = [50, 12, 31]
+        for row, n in enumerate(lengths):
+            dec.prefill(lm.model.embed_tokens(ids[:n]), row)
+        out = dec.decode_step(ids[lengths], torch.tensor(lengths))
+    for row, n in enumerate(lengths):
+        assert torch.allclose(out[row], ref[n], atol=1e-4), (row, (out[row] - ref[n]).abs().max())

@@ -12,11 +12,22 @@ length. It costs a little speed and buys exact reproducibility under greedy deco
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 _BLOCK = 8
+
+
+@dataclass
+class _StepPlan:
+    """What every layer of one decode step shares: row positions, key length, mask."""
+
+    positions: list[int]
+    t: int
+    mask: torch.Tensor | None
 
 
 def _plain(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +97,7 @@ class Decoder:
         param = next(causal_lm.parameters())
         self.slots = KVSlots(len(self.layers), max_rows, self.kv_heads, self.head_dim,
                              param.dtype, param.device)
+        self._step = _StepPlan([], 0, None)
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 rows: torch.Tensor, positions: torch.Tensor, i: int, prefill: bool) -> torch.Tensor:
@@ -119,18 +131,16 @@ class Decoder:
     def _attend_batch(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
         """All rows in one call over the longest row's length, shorter rows masked."""
         b = q.shape[0]
-        t = int(positions.max()) + 1
+        t, mask = self._step.t, self._step.mask
         keys = self.slots.k[i][:b, :, :t]  # rows are 0..b-1: compact by construction
         values = self.slots.v[i][:b, :, :t]
-        # (b, 1, 1, t): each row sees its own positions only
-        mask = (torch.arange(t, device=q.device)[None, :] <= positions[:, None])[:, None, None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                               enable_gqa=self.heads != self.kv_heads)
 
     def _attend_rows(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
         outs = []
-        for r, pos in enumerate(positions.tolist()):
+        for r, pos in enumerate(self._step.positions):
             # contiguous copies: the kernel's blocking follows the strides, and the strides
             # follow the pool's capacity, which depends on the other rows
             keys = self.slots.k[i][r:r + 1, :, :pos + 1].contiguous()
@@ -175,7 +185,16 @@ class Decoder:
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab)."""
         b = tokens.shape[0]
-        self.slots.reserve(int(positions.max()) + 1)
+        # Worked out once per step, not once per layer: on a GPU each .max()/.tolist() is a
+        # device sync.
+        listed = positions.tolist()
+        t = max(listed) + 1
+        self.slots.reserve(t)
+        mask = None
+        if not self.invariant:  # (b, 1, 1, t): each row sees its own positions only
+            mask = (torch.arange(t, device=positions.device)[None, :]
+                    <= positions[:, None])[:, None, None]
+        self._step = _StepPlan(listed, t, mask)
         x = self.body.embed_tokens(tokens)[:, None, :]  # (b, 1, hidden)
         rows = torch.arange(b, device=tokens.device)
         h = self._run(x, positions, rows, prefill=False)  # (b, 1, hidden)
