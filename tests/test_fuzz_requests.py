@@ -81,7 +81,7 @@ def fuzz_server(tiny, media_root):
     engine.drain(0)
 
 
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=int(__import__("os").environ.get("EAGLE_FUZZ_EXAMPLES", "80")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(request=requests())
 def test_generated_requests_never_get_unknown_or_internal(fuzz_server, request) -> None:

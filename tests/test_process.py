@@ -68,7 +68,18 @@ def test_sigterm_drains_a_running_stream_then_exits_0(tiny_dir) -> None:
             req, timeout=60)
         chunks = [next(stream)]
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+        end = time.monotonic() + 10  # health goes NOT_SERVING first, then calls are refused
+        while time.monotonic() < end:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status != 1:
+                    break
+            except grpc.RpcError:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
         fresh = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(
             target, options=[("grpc.enable_retries", 0)]))
         with pytest.raises(grpc.RpcError) as refused:
