@@ -52,7 +52,6 @@ class Prepared:
     video_frames: int
     adjustments: list[str]
     preprocess_ms: float
-    prompt_text_tokens: int = 0
 
 
 class Preparer:
@@ -122,7 +121,7 @@ class Preparer:
                        f"{v.start_seconds}-{v.end_seconds}")
                 groups.append(VisionGroup(key, decoded[s.video].frames))
         return Prepared(job, ids, groups, sum(counts), sum(plan.video_frames), plan.adjustments,
-                        (time.perf_counter() - start) * 1000, text_tokens)
+                        (time.perf_counter() - start) * 1000)
 
     def _decode_video(self, k: int, part: VideoPart, source: str | bytes, frames: int,
                       deadline: float | None) -> vid.DecodedVideo:

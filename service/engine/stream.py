@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from service.engine.job import ChatJob, Delta, EngineError, Event, Finished
+from service.engine.job import ChatJob, Delta, Event, Finished
 
 _END = object()
 
@@ -123,4 +123,4 @@ def _deliver(batch: list[tuple[JobStream, object]]) -> None:
         stream._aq.put_nowait(item)
 
 
-__all__ = ["JobStream", "EngineError"]
+__all__ = ["JobStream", "Outbox"]
