@@ -5,16 +5,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 
 from service import __version__, converters, logs
-from service.engine.interface import Engine
 from service.engine.job import Delta, Finished, Unavailable
 from service.errors import RequestError, classify, rich_status
 from service.ledger import NoLedger
 from service.metrics import Metrics
+
+if TYPE_CHECKING:  # the server process does not import torch when the engine is a child
+    from service.engine.interface import Engine
 
 log = logging.getLogger(__name__)
 

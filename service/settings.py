@@ -28,6 +28,7 @@ class Settings:
     step_timeout_s: float = 120.0  # a model step longer than this: unhealthy, exit 3
     video_workers: int = 2  # decoder processes (killed and replaced on a hang or crash)
     video_memory_mb: int = 4096  # address-space limit of each decoder process
+    engine_process: bool = True  # the model in a child process (its own GIL); see README
     # limits per request
     max_request_bytes: int = 64 * MiB
     max_messages: int = 64

@@ -8,9 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig, SiglipVisionConfig
 
-
-class ModelLoadError(Exception):
-    """A checkpoint that cannot be served: its message names the file, key or field."""
+from service.engine.job import ModelLoadError
 
 
 @dataclass

@@ -133,6 +133,10 @@ class Finished:
 Event = Delta | Finished
 
 
+class ModelLoadError(Exception):
+    """A checkpoint that cannot be served: its message names the file, key or field."""
+
+
 class EngineError(FieldError):
     """A job that cannot complete; `code` is one of the names in service.errors' table."""
 
@@ -161,3 +165,15 @@ class Cancelled(EngineError):
 
 class DeadlineExceeded(EngineError):
     code = "DEADLINE_EXCEEDED"
+
+
+def check_admission(wedged: bool, accepting: bool, in_flight: int, max_running: int,
+                    max_queue: int) -> None:
+    """Raise the error a new job gets when the engine cannot take it now."""
+    if wedged:
+        raise Unavailable("the model is stuck; this replica is restarting, retry on another")
+    if not accepting:
+        raise Unavailable("the server is shutting down; retry on another replica")
+    if in_flight >= max_running + max_queue:
+        raise Overloaded(f"the server is at capacity ({max_running} running, {max_queue} "
+                         f"queued); retry later")

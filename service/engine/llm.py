@@ -7,8 +7,9 @@ Rows are kept compact (the running jobs are rows 0..B-1) by moving the last row 
 
 Batch-invariant mode (the default on CPU) makes a job's tokens independent of what it is
 batched with: matrix products run on fixed 8-row blocks (BLAS picks its kernel by shape, and
-a different kernel rounds differently) and attention runs per row over that row's own
-length. It costs a little speed and buys exact reproducibility under greedy decoding.
+a different kernel rounds differently) and attention runs over a key length that depends on
+the row alone (`key_bucket`), rows of one bucket together. It costs a little speed and buys
+exact reproducibility under greedy decoding.
 """
 from __future__ import annotations
 
@@ -22,12 +23,30 @@ _BLOCK = 8
 
 
 @dataclass
+class _Group:
+    """Rows whose attention runs over the same key length `t` (batch-invariant mode)."""
+
+    t: int
+    rows: slice | torch.Tensor  # a slice when the rows are consecutive
+    mask: torch.Tensor  # (rows, 1, 1, t): each row sees its own positions only
+
+
+@dataclass
 class _StepPlan:
-    """What every layer of one decode step shares: row positions, key length, mask."""
+    """What every layer of one decode step shares: row positions, key length, mask, groups."""
 
     positions: list[int]
     t: int
     mask: torch.Tensor | None
+    groups: list[_Group] | None = None
+
+
+def key_bucket(length: int) -> int:
+    """The key length a row of `length` positions attends over in batch-invariant mode: a
+    function of its own length only, rounded up to 1/8 of its power of two (at least 64),
+    so rows of similar length share one attention call and waste under 12.5%."""
+    grain = max(64, 1 << max(0, length.bit_length() - 3))
+    return -(-length // grain) * grain
 
 
 def _plain(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +137,12 @@ class Decoder:
         else:  # b jobs, one new token each at its own position
             self.slots.k[i][rows, :, positions] = k[:, :, 0]
             self.slots.v[i][rows, :, positions] = v[:, :, 0]
-            o = (self._attend_rows(q, positions, i) if self.invariant
-                 else self._attend_batch(q, positions, i))
+            if not self.invariant:
+                o = self._attend_batch(q, positions, i)
+            elif self._step.groups is not None:
+                o = self._attend_groups(q, i)
+            else:
+                o = self._attend_rows(q, positions, i)
         o = o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)  # (b, n, hidden)
         x = x + lin(attn.o_proj, o)
         h = layer.post_attention_layernorm(x)
@@ -136,6 +159,26 @@ class Decoder:
         values = self.slots.v[i][:b, :, :t]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                               enable_gqa=self.heads != self.kv_heads)
+
+    def _attend_groups(self, q: torch.Tensor, i: int) -> torch.Tensor:
+        """Rows grouped by key bucket, one call per group over contiguous copies. A row's
+        result depends on its own keys and bucket only: on one thread the kernel works
+        through each (row, head) alike whatever the batch (checked bit for bit in the tests);
+        on several threads it splits the work by batch size, so `_attend_rows` is used."""
+        groups = self._step.groups
+        gqa = self.heads != self.kv_heads
+        out = None if len(groups) == 1 else torch.empty_like(q)
+        for g in groups:
+            keys = self.slots.k[i][g.rows, :, :g.t]
+            values = self.slots.v[i][g.rows, :, :g.t]
+            if isinstance(g.rows, slice):
+                keys, values = keys.contiguous(), values.contiguous()
+            o = F.scaled_dot_product_attention(q[g.rows], keys, values, attn_mask=g.mask,
+                                               scale=self.scale, enable_gqa=gqa)
+            if out is None:
+                return o
+            out[g.rows] = o
+        return out
 
     def _attend_rows(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
@@ -181,6 +224,22 @@ class Decoder:
         h = self._run(embeds[None], positions, rows, prefill=True)[0]  # (n, hidden)
         return self.lm.lm_head(h if all_logits else h[-1])
 
+    @staticmethod
+    def _groups(listed: list[int], positions: torch.Tensor) -> list[_Group]:
+        by_bucket: dict[int, list[int]] = {}
+        for row, pos in enumerate(listed):
+            by_bucket.setdefault(key_bucket(pos + 1), []).append(row)
+        groups = []
+        for t, rows in sorted(by_bucket.items()):
+            if rows == list(range(rows[0], rows[-1] + 1)):
+                sel: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
+            else:
+                sel = torch.tensor(rows, device=positions.device)
+            mask = (torch.arange(t, device=positions.device)[None, :]
+                    <= positions[sel][:, None])[:, None, None]
+            groups.append(_Group(t, sel, mask))
+        return groups
+
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab)."""
@@ -189,12 +248,15 @@ class Decoder:
         # device sync.
         listed = positions.tolist()
         t = max(listed) + 1
-        self.slots.reserve(t)
-        mask = None
+        mask = groups = None
         if not self.invariant:  # (b, 1, 1, t): each row sees its own positions only
             mask = (torch.arange(t, device=positions.device)[None, :]
                     <= positions[:, None])[:, None, None]
-        self._step = _StepPlan(listed, t, mask)
+        elif torch.get_num_threads() == 1:
+            groups = self._groups(listed, positions)
+            t = max(g.t for g in groups)
+        self.slots.reserve(t)
+        self._step = _StepPlan(listed, t, mask, groups)
         x = self.body.embed_tokens(tokens)[:, None, :]  # (b, 1, hidden)
         rows = torch.arange(b, device=tokens.device)
         h = self._run(x, positions, rows, prefill=False)  # (b, 1, hidden)

@@ -25,22 +25,23 @@ from service.engine.job import (
     Finished,
     FinishReason,
     OutOfMemory,
-    Overloaded,
     Timing,
     Unavailable,
     Usage,
+    check_admission,
 )
 from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import Prepared, Preparer
 from service.engine.sampling import Sampler
-from service.engine.stream import JobStream, Outbox
+from service.engine.stream import JobStream, Outbox, Sink
 from service.engine.vision import VisionCache, VisionEncoder
 
 __all__ = ["EngineSettings", "NativeEngine"]  # EngineSettings re-exported for callers
 
 log = logging.getLogger(__name__)
 _IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
+_LONG_PROMPT = 256  # tokens from which a small model's prefill is worth every CPU thread
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):
     _LIBC = None
@@ -94,12 +95,13 @@ class NativeEngine:
         if invariant is None:
             invariant = loaded.device.type == "cpu"
         self.decoder = Decoder(loaded.model.language_model, settings.max_running, invariant)
-        # Decode steps of a small model on CPU are too short to share among threads: the
-        # fork/join costs more than it saves. Prefill and vision keep every core. These
-        # settings are per thread: only the engine thread's are changed.
+        # Decode steps and short prompts of a small model on CPU are too short to share among
+        # threads: waking the OpenMP team costs more than it saves (a 35-token prompt of the
+        # tiny model: 1.2 ms on one thread, 2.8 ms on two). Vision and long prompts keep every
+        # core. These settings are per thread: only the engine thread's are changed.
         self._cpu_threads = torch.get_num_threads()
         small = sum(p.numel() for p in loaded.model.language_model.parameters()) < 50_000_000
-        self._decode_threads = 1 if loaded.device.type == "cpu" and small else 0
+        self._few_threads = 1 if loaded.device.type == "cpu" and small else 0
         self.vision_cache = (VisionCache(settings.vision_cache_tiles)
                              if settings.vision_cache_tiles else None)
         self.vision = VisionEncoder(loaded, self.vision_cache, settings.media.norm,
@@ -126,19 +128,13 @@ class NativeEngine:
         self._watchdog.start()
 
     # the interface ------------------------------------------------------------------------
-    def submit(self, job: ChatJob) -> JobStream:
-        """Queue a job; its events arrive on the returned stream. Full: Overloaded at once."""
-        stream = JobStream(job)
+    def submit(self, job: ChatJob, sink: Sink | None = None, key: object = None) -> JobStream:
+        """Queue a job; its events arrive on the returned stream (or go to `sink`, see
+        JobStream). Full: Overloaded at once."""
+        stream = JobStream(job, sink, key)
         with self._cv:
-            if self.wedged:
-                raise Unavailable("the model is stuck; this replica is restarting, retry on "
-                                  "another")
-            if not self._accepting:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            cap = self.settings.max_running + self.settings.max_queue
-            if self._in_flight >= cap:
-                raise Overloaded(f"the server is at capacity ({self.settings.max_running} "
-                                 f"running, {self.settings.max_queue} queued); retry later")
+            check_admission(self.wedged, self._accepting, self._in_flight,
+                            self.settings.max_running, self.settings.max_queue)
             self._in_flight += 1
             self._streams[id(stream)] = stream
         t_submit = time.monotonic()
@@ -252,9 +248,11 @@ class NativeEngine:
             out.append((stream, prep, t))
         return out
 
+    def _threads(self, many: bool) -> None:
+        if self._few_threads:
+            torch.set_num_threads(self._cpu_threads if many else self._few_threads)
+
     def _prefill(self, admitted: list[tuple[JobStream, Prepared, float]]) -> None:
-        if self._decode_threads:
-            torch.set_num_threads(self._cpu_threads)
         now = time.monotonic()
         live = []
         for stream, prep, t_submit in admitted:
@@ -262,6 +260,7 @@ class NativeEngine:
                 continue
             live.append((stream, prep, t_submit))
         try:
+            self._threads(any(p.image_tiles or p.video_frames for _, p, _ in live))
             vision = self.vision.encode([p for _, p, _ in live])
         except Exception as exc:  # fails every job of this admission, none of the running
             for stream, _, _ in live:
@@ -272,6 +271,7 @@ class NativeEngine:
             try:
                 if self.fault_hook:
                     self.fault_hook("prefill", prep)
+                self._threads(len(prep.ids) >= _LONG_PROMPT)
                 ids = torch.tensor(prep.ids, device=self.lm.device)
                 embeds = self.lm.model.embed(ids, feats, self.image_token_id)
                 row = len(self._running)
@@ -294,8 +294,7 @@ class NativeEngine:
 
     def _step(self) -> None:
         rows = self._running
-        if self._decode_threads:
-            torch.set_num_threads(self._decode_threads)
+        self._threads(False)
         tokens = torch.tensor([r.last for r in rows], device=self.lm.device)
         positions = torch.tensor([r.length for r in rows], device=self.lm.device)
         try:

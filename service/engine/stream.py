@@ -4,23 +4,31 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from service.engine.job import ChatJob, Delta, Event, Finished
 
-_END = object()
+END = object()  # the last item of every stream
+Sink = Callable[[list[tuple[object, object]]], None]
 
 
 class JobStream:
     """Events of one job: Delta..., then Finished, or an EngineError/PreprocessError raised.
 
     Created on the caller's thread: inside a running event loop it is read with `async for`,
-    otherwise with a plain `for`. The engine side calls `push`, `fail` and `close`.
+    otherwise with a plain `for`. The engine side calls `push`, `fail` and `close`. A stream
+    made with a `sink` is read by nobody here: its events go to `sink([(key, item), ...])`
+    (the engine process forwards them to the server process this way).
     """
 
-    def __init__(self, job: ChatJob) -> None:
+    def __init__(self, job: ChatJob, sink: Sink | None = None, key: object = None) -> None:
         self.job = job
+        self.sink, self.key = sink, key
         self.cancelled = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if sink is not None:
+            self.done = threading.Event()
+            return
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._aq: asyncio.Queue = asyncio.Queue()
@@ -33,6 +41,9 @@ class JobStream:
     def push(self, item: object, outbox: Outbox | None = None) -> None:
         if outbox is not None:
             outbox.add(self, item)
+            return
+        if self.sink is not None:
+            self.sink([(self.key, item)])
             return
         if self._loop is None:
             self._q.put(item)
@@ -53,7 +64,7 @@ class JobStream:
     def close(self, outbox: Outbox | None = None) -> None:
         if not self.done.is_set():
             self.done.set()
-            self.push(_END, outbox)
+            self.push(END, outbox)
 
     # caller side -----------------------------------------------------------------------
     def cancel(self) -> None:
@@ -63,7 +74,7 @@ class JobStream:
     def __iter__(self) -> Iterator[Event]:
         while True:
             item = self._q.get()
-            if item is _END:
+            if item is END:
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -77,7 +88,7 @@ class JobStream:
             while not self._aq.empty():
                 items.append(self._aq.get_nowait())
             for item in _join_deltas(items):
-                if item is _END:
+                if item is END:
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -106,11 +117,16 @@ class Outbox:
     def flush(self) -> None:
         items, self._items = self._items, []
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobStream, object]]] = {}
+        by_sink: dict[Sink, list[tuple[object, object]]] = {}
         for stream, item in items:
-            if stream._loop is None:
+            if stream.sink is not None:
+                by_sink.setdefault(stream.sink, []).append((stream.key, item))
+            elif stream._loop is None:
                 stream._q.put(item)
             else:
                 by_loop.setdefault(stream._loop, []).append((stream, item))
+        for sink, batch in by_sink.items():
+            sink(batch)
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
@@ -123,4 +139,4 @@ def _deliver(batch: list[tuple[JobStream, object]]) -> None:
         stream._aq.put_nowait(item)
 
 
-__all__ = ["JobStream", "Outbox"]
+__all__ = ["END", "JobStream", "Outbox", "Sink"]

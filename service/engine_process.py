@@ -1,0 +1,302 @@
+"""The engine in a process of its own, so the model and the RPC event loop never share a GIL.
+
+In one process the engine thread and the asyncio loop that answers RPCs take turns holding
+the GIL: every small torch call hands it over and waits to get it back, and the serving
+process tops out near one core's worth of Python however many cores the machine has. So
+`python -m service` starts the model in a child process (`EngineProcess`): the server
+process keeps gRPC, protobuf and the event loop; the child keeps the media stage, the
+vision tower, the batch and detokenisation. Between them is one pipe:
+
+    server -> engine   ("submit", key, ChatJob) ("cancel", request_id) ("stats",) ("drain", s)
+    engine -> server   ("ready", EngineInfo) or ("error", message) once at start-up, then
+                       ("events", [(key, item), ...]) once per engine step, ("stats", dict),
+                       ("wedged",), ("drained",)
+
+An event item is the delta's text (str), a Finished, an error, or None for the end of the
+stream. Keys are the server's own numbers: request ids come from clients and may repeat.
+The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a process-group kill reaches
+it too) and follows the server: drain when told, exit when the pipe closes. If the child
+dies, every running call gets UNAVAILABLE and the server reports itself wedged (exit 3).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from service import logs
+from service.engine.job import (
+    ChatJob,
+    Delta,
+    EngineError,
+    Unavailable,
+    check_admission,
+)
+from service.engine.stream import END, JobStream, Outbox
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+_START_TIMEOUT_S = 900.0  # loading a 9B checkpoint from a slow disk
+
+
+def build_engine(s: Settings):
+    """The native engine over the model `s.model`, with the settings' limits (in this process)."""
+    from preprocess.frames import VideoPolicy
+    from preprocess.media import ImagePolicy
+    from preprocess.refs import RefPolicy
+    from service.engine.loader import load_model, resolve_model
+    from service.engine.prepare import MediaSettings
+    from service.engine.scheduler import EngineSettings, NativeEngine
+
+    folder = resolve_model(s.model, Path(s.cache_dir) if s.cache_dir else None)
+    loaded = load_model(folder, s.device)
+    media = MediaSettings(
+        image=ImagePolicy(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels),
+        video=VideoPolicy(max_bytes=s.max_video_bytes, max_frames=s.max_video_frames,
+                          max_duration_s=s.max_video_seconds, timeout_s=s.video_timeout_s),
+        refs=RefPolicy(media_roots=tuple(Path(r) for r in s.media_roots),
+                       max_file_bytes=s.max_video_bytes, allow_urls=s.allow_urls))
+    return NativeEngine(loaded, EngineSettings(
+        max_running=s.max_running, max_queue=s.max_queue, max_batch_tokens=s.max_batch_tokens,
+        preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
+        video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media))
+
+
+class EngineProcess:
+    """The Engine interface (submit, cancel, info, stats, drain, wedged) over a child process."""
+
+    def __init__(self, settings: Settings, start_timeout_s: float = _START_TIMEOUT_S) -> None:
+        from service.engine.job import ModelLoadError
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child_main, args=(settings, child), name="eagle-engine")
+        self.proc.start()
+        child.close()
+        try:
+            if not self._conn.poll(start_timeout_s):
+                self.proc.kill()
+                raise ModelLoadError(f"the engine process did not load the model within "
+                                     f"{start_timeout_s:g} s")
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            raise ModelLoadError(f"the engine process exited while loading the model (exit "
+                                 f"code {self.proc.exitcode})") from None
+        if kind != "ready":
+            self.proc.join(10)
+            raise ModelLoadError(payload)
+        self._info = payload
+        self._max_running, self._max_queue = settings.max_running, settings.max_queue
+        self._lock = threading.Lock()
+        self._streams: dict[int, JobStream] = {}
+        self._keys = itertools.count()
+        self._accepting = True
+        self._drained = False
+        self.wedged = False
+        self._stats_lock = threading.Lock()
+        self._stats: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_stats: dict[str, int] = {}
+        # one writer thread: a large request is pickled and written off the event loop
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="engine-events", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    # the interface ------------------------------------------------------------------------
+    def submit(self, job: ChatJob) -> JobStream:
+        with self._lock:
+            check_admission(self.wedged, self._accepting, len(self._streams),
+                            self._max_running, self._max_queue)
+            key = next(self._keys)
+            stream = self._streams[key] = JobStream(job)
+        self._out.put(("submit", key, job))
+        return stream
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            found = [s for s in self._streams.values() if s.job.request_id == request_id]
+        for stream in found:
+            stream.cancel()
+        if found:
+            self._out.put(("cancel", request_id))
+        return bool(found)
+
+    def info(self):
+        return self._info
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counts, asked of the child (the last answer if it is slow to reply)."""
+        with self._stats_lock:
+            if self.proc.is_alive() and not self._drained:
+                self._out.put(("stats",))
+                try:
+                    self._last_stats = self._stats.get(timeout=2.0)
+                except queue.Empty:
+                    pass
+            with self._lock:
+                in_flight = len(self._streams)
+            return {**self._last_stats, "in_flight": in_flight}
+
+    def drain(self, grace: float) -> None:
+        """Refuse new jobs; the child lets running ones finish for up to `grace` s and exits."""
+        with self._lock:
+            self._accepting = False
+        if self.proc.is_alive():
+            self._out.put(("drain", grace))
+            self.proc.join(grace + 15)
+        if self.proc.is_alive():
+            log.error("the engine process did not exit after draining: killing it")
+            self.proc.kill()
+            self.proc.join(5)
+        self._reader.join(5)
+        self._out.put(None)
+        self._fail_all(Unavailable("the server shut down before this request finished"))
+
+    # the pipe -----------------------------------------------------------------------------
+    def _write(self) -> None:
+        while (msg := self._out.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except (OSError, ValueError):  # the child is gone: the reader reports it
+                return
+
+    def _read(self) -> None:
+        outbox = Outbox()
+        try:
+            while True:
+                msg = self._conn.recv()
+                kind = msg[0]
+                if kind == "events":
+                    self._deliver(msg[1], outbox)
+                elif kind == "stats":
+                    self._stats.put(msg[1])
+                elif kind == "wedged":
+                    self.wedged = True
+                elif kind == "drained":
+                    self._drained = True
+                    return
+        except (EOFError, OSError):
+            pass
+        # The pipe closed without "drained": the engine process died (a native crash, the
+        # kernel's OOM killer). What it held is lost; this replica must be restarted.
+        self.proc.join(1)
+        code = self.proc.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        log.error("the engine process exited unexpectedly (%s)", how)
+        self.wedged = True
+        self._fail_all(Unavailable(f"the model process exited unexpectedly ({how}); this "
+                                   f"replica is restarting, retry on another"))
+
+    def _deliver(self, events: list[tuple[int, object]], outbox: Outbox) -> None:
+        for key, item in events:
+            stream = self._streams.get(key)
+            if stream is None:
+                continue
+            if item is None:
+                with self._lock:
+                    self._streams.pop(key, None)
+                stream.close(outbox)
+            elif isinstance(item, str):
+                stream.push(Delta(item), outbox)
+            else:
+                stream.push(item, outbox)
+        outbox.flush()
+
+    def _fail_all(self, error: EngineError) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.fail(error)
+
+
+# the child ----------------------------------------------------------------------------------
+class _Forwarder:
+    """The child's side of the pipe: one lock, events encoded small (a delta is its text)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+    def events(self, batch: list[tuple[object, object]]) -> None:
+        out = [(key, None if item is END else item.text if isinstance(item, Delta) else item)
+               for key, item in batch]
+        try:
+            self.send(("events", out))
+        except (OSError, ValueError):  # the server is gone; the child is about to exit
+            pass
+        except Exception:  # an error that does not pickle: say so rather than lose the job
+            log.exception("an engine event could not be sent")
+            safe = [(k, i if i is None or isinstance(i, str) else
+                     EngineError(f"internal error in the engine: {type(i).__name__}"))
+                    for k, i in out]
+            self.send(("events", safe))
+
+
+def _child_main(settings: Settings, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.setup(settings.log_format, settings.log_level)
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
+    from service.engine.job import ModelLoadError
+
+    try:
+        engine = build_engine(settings)
+    except ModelLoadError as exc:
+        conn.send(("error", str(exc)))
+        return
+    except Exception as exc:  # the server reports it and exits 2
+        log.exception("loading the model failed")
+        conn.send(("error", f"loading the model failed: {type(exc).__name__}: {exc}"))
+        return
+    out = _Forwarder(conn)
+    out.send(("ready", engine.info()))
+    threading.Thread(target=_report_wedge, args=(engine, out), name="wedge-report",
+                     daemon=True).start()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server process is gone: nobody to answer
+            engine.drain(0)
+            os._exit(0)
+        kind = msg[0]
+        if kind == "submit":
+            _, key, job = msg
+            try:
+                engine.submit(job, sink=out.events, key=key)
+            except EngineError as exc:
+                out.events([(key, exc), (key, END)])
+        elif kind == "cancel":
+            engine.cancel(msg[1])
+        elif kind == "stats":
+            out.send(("stats", engine.stats()))
+        elif kind == "drain":
+            engine.drain(msg[1])
+            out.send(("drained",))
+            logging.shutdown()
+            os._exit(0)
+
+
+def _report_wedge(engine, out: _Forwarder) -> None:
+    while not engine.wedged:
+        time.sleep(0.25)
+    out.send(("wedged",))
+
+
+__all__ = ["EngineProcess", "build_engine"]

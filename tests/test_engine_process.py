@@ -1,0 +1,165 @@
+"""The engine in its own process: same answers and errors as in process, and what happens
+when the child is overloaded, cancelled, drained, fails to load or dies."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import factory
+import grpc
+import pytest
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+from test_process import _env, _free_port, _wait_serving
+
+from service.engine.job import (
+    Cancelled,
+    ChatJob,
+    ChatMessage,
+    Finished,
+    ImagePart,
+    ModelLoadError,
+    Overloaded,
+    Role,
+    SamplingParams,
+    TextPart,
+    Unavailable,
+)
+from service.engine_process import EngineProcess
+from service.settings import Settings
+
+
+def _settings(tiny_dir, **kw) -> Settings:
+    return Settings(cache_dir=str(tiny_dir.parent), video_workers=0, log_level="WARNING", **kw)
+
+
+def _job(rid: str, text: str = "Describe the picture.", image: bytes | None = None,
+         tokens: int = 12, ignore_eos: bool = False) -> ChatJob:
+    parts = ((ImagePart(data=image),) if image else ()) + (TextPart(text),)
+    return ChatJob(rid, (ChatMessage(Role.USER, parts),),
+                   SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos))
+
+
+def _run(engine, job) -> tuple[str, object]:
+    text, last = "", None
+    try:
+        for event in engine.submit(job):
+            if isinstance(event, Finished):
+                last = event
+            else:
+                text += event.text
+    except Exception as exc:  # the error the stream ended with
+        last = exc
+    return text, last
+
+
+@pytest.fixture(scope="module")
+def child(tiny_dir):
+    eng = EngineProcess(_settings(tiny_dir, max_running=1, max_queue=0))
+    yield eng
+    eng.drain(0)
+
+
+def test_same_tokens_usage_and_errors_as_the_engine_in_process(child, engine) -> None:
+    image = factory.encode(factory.photo(900, 600, seed=3), "JPEG")
+    for job in (_job("a", image=image), _job("b", text="Write a haiku about rain.", tokens=20)):
+        there_text, there = _run(child, job)
+        here_text, here = _run(engine, job)
+        assert there_text == here_text and there_text
+        assert there.text == here.text and there.reason == here.reason
+        assert there.usage == here.usage
+    # errors cross the pipe with their class, message and field path
+    bad = _job("c", image=b"\x89PNG\r\n\x1a\nnot really")
+    _, there = _run(child, bad)
+    _, here = _run(engine, bad)
+    assert type(there) is type(here)
+    assert (str(there), there.field) == (str(here), here.field)
+    assert "image" in str(there)
+
+
+def test_over_capacity_is_refused_in_the_server_process_and_cancel_reaches_the_child(
+        child) -> None:
+    long = child.submit(_job("long", tokens=2000, ignore_eos=True))
+    first = next(iter(long))
+    assert first.text
+    with pytest.raises(Overloaded) as refused:
+        child.submit(_job("second"))
+    assert str(refused.value) == "the server is at capacity (1 running, 0 queued); retry later"
+    assert child.cancel("long") is True
+    with pytest.raises(Cancelled, match="^cancelled by the client$"):
+        for _ in long:
+            pass
+    stats = child.stats()
+    assert stats["in_flight"] == 0 and stats["running"] == 0 and stats["steps"] > 0
+    assert child.cancel("long") is False  # nothing by that id any more
+    text, done = _run(child, _job("after", tokens=3, ignore_eos=True))
+    assert isinstance(done, Finished) and done.usage.completion_tokens == 3
+
+
+def test_drain_finishes_running_jobs_then_the_child_exits_0(tiny_dir) -> None:
+    eng = EngineProcess(_settings(tiny_dir))
+    stream = eng.submit(_job("d", tokens=40, ignore_eos=True))
+    eng.drain(30)
+    events = list(stream)
+    assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 40
+    assert eng.proc.exitcode == 0
+    with pytest.raises(Unavailable, match="^the server is shutting down; retry on another"):
+        eng.submit(_job("e"))
+
+
+def test_a_model_that_cannot_load_is_reported_by_the_server_process(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="not an Eagle2 checkpoint folder") as err:
+        EngineProcess(Settings(model=str(tmp_path), video_workers=0, log_level="ERROR"))
+    assert str(tmp_path) in str(err.value)
+
+
+def test_a_dead_child_fails_running_calls_with_unavailable_and_the_server_exits_3(
+        tiny_dir) -> None:
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--cache-dir",
+         str(tiny_dir.parent), "--video-workers", "0", "--log-format", "json"],
+        env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        _wait_serving(target, proc)
+        children = [int(p) for t in os.listdir(f"/proc/{proc.pid}/task")
+                    for p in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
+        children = [p for p in children  # not multiprocessing's resource tracker
+                    if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(children) == 1
+        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=3000,
+                                                                        ignore_eos=True))
+        req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
+        stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
+            req, timeout=60)
+        assert next(stream).text
+        os.kill(children[0], signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details() == ("the model process exited unexpectedly (signal 9); "
+                                       "this replica is restarting, retry on another")
+        assert proc.wait(30) == 3
+        assert "the engine process exited unexpectedly (signal 9)" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_child_ignores_sigint_and_sigterm_sent_to_the_process_group(tiny_dir) -> None:
+    eng = EngineProcess(_settings(tiny_dir))
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(eng.pid, sig)
+        time.sleep(0.3)
+        assert eng.proc.is_alive()
+        text, done = _run(eng, _job("f", tokens=4, ignore_eos=True))
+        assert isinstance(done, Finished) and done.usage.completion_tokens == 4
+    finally:
+        eng.drain(0)
+    assert eng.proc.exitcode == 0
