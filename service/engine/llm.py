@@ -13,6 +13,7 @@ exact reproducibility under greedy decoding.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -117,23 +118,22 @@ class Decoder:
         self.slots = KVSlots(len(self.layers), max_rows, self.kv_heads, self.head_dim,
                              param.dtype, param.device)
         self._step = _StepPlan([], 0, None)
+        self._spans: list[tuple[int, int, int]] = []  # packed prompts: (start, length, row)
+        self._lin = _plain  # the projections' function for the pass being run
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 rows: torch.Tensor, positions: torch.Tensor, i: int, prefill: bool) -> torch.Tensor:
         attn = layer.self_attn
         b, n, _ = x.shape
-        lin = self._linear if (self.invariant and not prefill) else _plain
+        lin = self._lin
         h = layer.input_layernorm(x)
         # (b, n, heads*d) -> (b, heads, n, d)
         q = lin(attn.q_proj, h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = lin(attn.k_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = lin(attn.v_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if prefill:  # one job, positions 0..n-1
-            self.slots.k[i][rows[0], :, :n] = k[0]
-            self.slots.v[i][rows[0], :, :n] = v[0]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                               enable_gqa=self.heads != self.kv_heads)
+        if prefill:  # one or more prompts packed along n, each at positions 0..len-1
+            o = self._attend_prompts(q, k, v, i)
         else:  # b jobs, one new token each at its own position
             self.slots.k[i][rows, :, positions] = k[:, :, 0]
             self.slots.v[i][rows, :, positions] = v[:, :, 0]
@@ -150,6 +150,21 @@ class Decoder:
             return x + layer.mlp(h)
         mlp = layer.mlp  # Qwen2/Llama MLP: down(act(gate(h)) * up(h)), in fixed blocks
         return x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
+
+    def _attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        i: int) -> torch.Tensor:
+        """Causal attention within each packed prompt, whose keys also go to its KV row."""
+        outs = []
+        for start, n, row in self._spans:
+            qj, kj, vj = (t[:, :, start:start + n] for t in (q, k, v))
+            self.slots.k[i][row, :, :n] = kj[0]
+            self.slots.v[i][row, :, :n] = vj[0]
+            if len(self._spans) > 1 or self.invariant:  # the same strides alone or packed
+                qj, kj, vj = qj.contiguous(), kj.contiguous(), vj.contiguous()
+            outs.append(F.scaled_dot_product_attention(
+                qj, kj, vj, is_causal=True, scale=self.scale,
+                enable_gqa=self.heads != self.kv_heads))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_batch(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
         """All rows in one call over the longest row's length, shorter rows masked."""
@@ -195,15 +210,28 @@ class Decoder:
 
     @staticmethod
     def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """module(x) over blocks of exactly _BLOCK rows (the last one zero-padded)."""
+        """module(x) with each row's result independent of how many rows there are.
+
+        Under _BLOCK rows BLAS switches to other kernels, so fewer rows are zero-padded. On one
+        thread a product of _BLOCK or more rows gives each row the bits it gets in a block of
+        _BLOCK (the same kernel tiles every row alike; checked over many shapes), so one call
+        does. On several threads the split follows the row count: fixed blocks of _BLOCK.
+        """
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        pad = (-rows.shape[0]) % _BLOCK
+        count = rows.shape[0]
+        if torch.get_num_threads() == 1:
+            pad = max(0, _BLOCK - count)
+        else:
+            pad = (-count) % _BLOCK
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-        out = torch.cat([F.linear(rows[s:s + _BLOCK], module.weight, module.bias)
-                         for s in range(0, rows.shape[0], _BLOCK)])
-        return out[: out.shape[0] - pad].reshape(*shape[:-1], -1)
+        if torch.get_num_threads() == 1:
+            out = F.linear(rows, module.weight, module.bias)
+        else:
+            out = torch.cat([F.linear(rows[s:s + _BLOCK], module.weight, module.bias)
+                             for s in range(0, rows.shape[0], _BLOCK)])
+        return out[:count].reshape(*shape[:-1], -1)
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
              prefill: bool) -> torch.Tensor:
@@ -213,16 +241,46 @@ class Decoder:
             x = self._attend(layer, x, cos, sin, rows, positions, i, prefill)
         return self.body.norm(x)
 
+    def can_pack(self) -> bool:
+        """Whether prompts may share a prefill pass without changing any one's result: always
+        outside batch-invariant mode, on one thread within it (see `_linear`)."""
+        return not self.invariant or torch.get_num_threads() == 1
+
+    def _prefill_hidden(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        lengths = [e.shape[0] for e, _ in prompts]
+        if len(prompts) > 1 and not self.can_pack():
+            raise ValueError("packed prefill is not batch-invariant on several threads")
+        self.slots.reserve(max(lengths) + 1)
+        device = prompts[0][0].device
+        starts = [sum(lengths[:j]) for j in range(len(lengths))]
+        self._spans = [(s, n, row) for s, n, (_, row) in zip(starts, lengths, prompts)]
+        # Packed prompts share the projections and MLP, so in batch-invariant mode these
+        # must give a row the same bits whatever else is packed: the one-thread `_linear`.
+        self._lin = self._linear if self.invariant and self.can_pack() else _plain
+        x = prompts[0][0][None] if len(prompts) == 1 else torch.cat([e for e, _ in prompts])[None]
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        return self._run(x, positions, None, prefill=True)[0]  # (total, hidden)
+
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, row: int, all_logits: bool = False) -> torch.Tensor:
         """Prompt embeddings (n, hidden) into row `row`; logits of the last position (vocab,)
         or of every position (n, vocab)."""
-        n = embeds.shape[0]
-        self.slots.reserve(n + 1)
-        positions = torch.arange(n, device=embeds.device)
-        rows = torch.tensor([row], device=embeds.device)
-        h = self._run(embeds[None], positions, rows, prefill=True)[0]  # (n, hidden)
-        return self.lm.lm_head(h if all_logits else h[-1])
+        if all_logits:
+            return self.lm.lm_head(self._prefill_hidden([(embeds, row)]))
+        return self.prefill_many([(embeds, row)])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """Prompts (embeddings (n_j, hidden), KV row) in one pass: projections and MLP over all
+        their positions together, attention within each. Logits of each last position (J, vocab).
+        In batch-invariant mode each prompt gets exactly what it gets alone (`can_pack`)."""
+        h = self._prefill_hidden(prompts)
+        ends = torch.tensor(list(itertools.accumulate(e.shape[0] for e, _ in prompts)),
+                            device=h.device) - 1
+        last = h[ends]  # (J, hidden)
+        if self.invariant:
+            return self._linear(self.lm.lm_head, last)
+        return self.lm.lm_head(last)
 
     @staticmethod
     def _groups(listed: list[int], positions: torch.Tensor) -> list[_Group]:
@@ -259,6 +317,7 @@ class Decoder:
         self._step = _StepPlan(listed, t, mask, groups)
         x = self.body.embed_tokens(tokens)[:, None, :]  # (b, 1, hidden)
         rows = torch.arange(b, device=tokens.device)
+        self._lin = self._linear if self.invariant else _plain
         h = self._run(x, positions, rows, prefill=False)  # (b, 1, hidden)
         if self.invariant:
             return self._linear(self.lm.lm_head, h[:, 0])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers import Tokenizer
+
 from service.engine.job import ChatMessage, ImagePart, Role, TextPart, VideoPart
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -104,10 +106,24 @@ def render(segments: list[Segment], image_tiles: list[int], tokens_per_tile: int
 
 
 class PromptTokenizer:
-    """Turns segments into token ids with the tokenizer of the checkpoint."""
+    """Turns segments into token ids with the tokenizer of the checkpoint. Safe to call from
+    several threads at once.
+
+    Template text is tokenised with special tokens recognised, caller text with them split
+    into plain pieces. transformers implements `split_special_tokens=` by flipping a flag on
+    the one Rust tokenizer before each call, so two media threads tokenising at once could
+    swap modes (seen: a template's <|im_start|> split into pieces, which would equally let a
+    caller's text through as a real turn marker). So each mode gets its own Rust tokenizer,
+    built once with its flag fixed and never changed.
+    """
 
     def __init__(self, tokenizer, image_token_id: int | None = None) -> None:
         self.tok = tokenizer
+        backend = tokenizer.backend_tokenizer
+        self._template = Tokenizer.from_str(backend.to_str())
+        self._template.encode_special_tokens = False
+        self._content = Tokenizer.from_str(backend.to_str())
+        self._content.encode_special_tokens = True
         ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT, IM_END])
         if any(i is None or i == tokenizer.unk_token_id for i in ids):
             raise ValueError("the tokenizer lacks Eagle's <img>, </img>, <IMG_CONTEXT> or "
@@ -124,8 +140,8 @@ class PromptTokenizer:
                 ids += [self.img_start] + [self.img_context] * (tokens_per_tile * tiles) \
                     + [self.img_end]
             elif seg.text:
-                ids += self.tok(seg.text, add_special_tokens=False,
-                                split_special_tokens=isinstance(seg, Content))["input_ids"]
+                backend = self._content if isinstance(seg, Content) else self._template
+                ids += backend.encode(seg.text, add_special_tokens=False).ids
         return ids
 
     def count_text(self, segments: list[Segment]) -> int:

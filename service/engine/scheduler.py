@@ -41,7 +41,8 @@ __all__ = ["EngineSettings", "NativeEngine"]  # EngineSettings re-exported for c
 
 log = logging.getLogger(__name__)
 _IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
-_LONG_PROMPT = 256  # tokens from which a small model's prefill is worth every CPU thread
+_LONG_PROMPT = 256  # tokens from which a prompt is prefilled alone, on every CPU thread
+_PACK_TOKENS = 2048  # positions of short prompts prefilled together in one pass
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):
     _LIBC = None
@@ -266,31 +267,78 @@ class NativeEngine:
             for stream, _, _ in live:
                 self._end(stream, _as_engine_error(exc))
             return
+        ready: list[tuple[_Running, torch.Tensor]] = []
         for (stream, prep, t_submit), (feats, cached) in zip(live, vision):
-            job = stream.job
             try:
                 if self.fault_hook:
                     self.fault_hook("prefill", prep)
-                self._threads(len(prep.ids) >= _LONG_PROMPT)
+                job = stream.job
                 ids = torch.tensor(prep.ids, device=self.lm.device)
                 embeds = self.lm.model.embed(ids, feats, self.image_token_id)
-                row = len(self._running)
-                logits = self.decoder.prefill(embeds, row)
                 run = _Running(stream, prep, Sampler(job.sampling, self.vocab_limit,
                                                      self.lm.device),
                                TextAssembler(self.lm.tokenizer, job.sampling.stop), ids,
-                               length=len(prep.ids), t_submit=t_submit, t_admit=now)
-                run.t_first = time.monotonic()
-                run.cached_tiles = cached
-                self._running.append(run)
-                self._accept(run, run.sampler(logits, run.seen))
+                               length=len(prep.ids), cached_tiles=cached, t_submit=t_submit,
+                               t_admit=now)
+                ready.append((run, embeds))
             except Exception as exc:
-                if self._running and self._running[-1].stream is stream:
-                    self._running.pop()
                 self._end(stream, _as_engine_error(exc))
                 if isinstance(exc, torch.OutOfMemoryError):
                     self._free_cached_memory()
+        for pack, many in self._packs(ready):
+            self._prefill_pack(pack, many)
         self._compact()
+
+    def _packs(self, ready: list[tuple[_Running, torch.Tensor]]
+               ) -> list[tuple[list[tuple[_Running, torch.Tensor]], bool]]:
+        """Short prompts share one pass (up to _PACK_TOKENS positions); a long prompt goes
+        alone with every CPU thread. The split depends on each prompt's own length only, so
+        in batch-invariant mode a prompt takes the same path alone or among others."""
+        packs: list[tuple[list[tuple[_Running, torch.Tensor]], bool]] = []
+        short: list[tuple[_Running, torch.Tensor]] = []
+        for item in ready:
+            n = item[0].length
+            if n >= _LONG_PROMPT:
+                packs.append(([item], True))
+                continue
+            if short and sum(r.length for r, _ in short) + n > _PACK_TOKENS:
+                packs.append((short, False))
+                short = []
+            short.append(item)
+        if short:
+            packs.append((short, False))
+        return packs
+
+    def _prefill_pack(self, pack: list[tuple[_Running, torch.Tensor]], many: bool) -> None:
+        self._threads(many)
+        if len(pack) > 1 and not self.decoder.can_pack():
+            for item in pack:
+                self._prefill_pack([item], many)
+            return
+        base = len(self._running)
+        try:
+            logits = self.decoder.prefill_many([(e, base + j) for j, (_, e) in enumerate(pack)])
+        except torch.OutOfMemoryError:
+            self._free_cached_memory()
+            if len(pack) == 1:  # this prompt alone does not fit: it fails, nothing else
+                self._end(pack[0][0].stream, _as_engine_error(torch.OutOfMemoryError()))
+                return
+            for item in pack:  # the pack did not fit: each prompt on its own
+                self._prefill_pack([item], many)
+            return
+        except Exception as exc:
+            for run, _ in pack:
+                self._end(run.stream, _as_engine_error(exc))
+            return
+        t_first = time.monotonic()
+        for j, (run, _) in enumerate(pack):
+            run.t_first = t_first
+            self._running.append(run)  # row base + j, where its keys were written
+            try:
+                self._accept(run, run.sampler(logits[j], run.seen))
+            except Exception as exc:
+                run.finished = True
+                self._end(run.stream, _as_engine_error(exc))
 
     def _step(self) -> None:
         rows = self._running
