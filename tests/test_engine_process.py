@@ -136,6 +136,10 @@ def test_a_dead_child_fails_running_calls_with_unavailable_and_the_server_exits_
         stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
             req, timeout=60)
         assert next(stream).text
+        # the server process itself never loads torch: a light front end (warm-up, events,
+        # errors and model info have all crossed the pipe by now)
+        maps = open(f"/proc/{proc.pid}/maps").read()
+        assert "libtorch" not in maps and "libtorch" in open(f"/proc/{children[0]}/maps").read()
         os.kill(children[0], signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as err:
             for _ in stream:

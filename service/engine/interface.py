@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.engine.job import ChatJob
+from service.engine.job import ChatJob, EngineInfo
 from service.engine.prepare import MediaSettings
 from service.engine.stream import JobStream
 
@@ -28,17 +28,6 @@ class EngineSettings:
     # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
     batch_invariant: bool | None = None
     media: MediaSettings = MediaSettings()
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model_name: str
-    model_type: str
-    context_length: int
-    tokens_per_tile: int
-    tile_size: int
-    max_tiles_per_image: int
-    device: str
 
 
 class Engine(Protocol):

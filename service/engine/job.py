@@ -133,6 +133,20 @@ class Finished:
 Event = Delta | Finished
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine serves; it crosses to the server process, so it lives here with the
+    other light types (nothing in this module imports torch)."""
+
+    model_name: str
+    model_type: str
+    context_length: int
+    tokens_per_tile: int
+    tile_size: int
+    max_tiles_per_image: int
+    device: str
+
+
 class ModelLoadError(Exception):
     """A checkpoint that cannot be served: its message names the file, key or field."""
 
