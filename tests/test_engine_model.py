@@ -184,3 +184,25 @@ def test_batched_decode_matches_transformers_for_rows_of_different_lengths(tiny,
         out = dec.decode_step(ids[lengths], torch.tensor(lengths))
     for row, n in enumerate(lengths):
         assert torch.allclose(out[row], ref[n], atol=1e-4), (row, (out[row] - ref[n]).abs().max())
+
+
+@pytest.mark.parametrize("length,bucket", [(1, 64), (64, 64), (65, 128), (200, 256),
+                                           (1000, 1024), (1850, 1920), (4097, 4608)])
+def test_key_buckets_depend_on_the_row_alone_and_waste_under_an_eighth(length, bucket) -> None:
+    from service.engine.llm import key_bucket
+
+    assert key_bucket(length) == bucket
+    assert bucket - length < max(64, length / 8)
+
+
+def test_fused_projections_are_views_and_leave_the_weights_as_loaded(tiny_dir) -> None:
+    model = load_model(tiny_dir, device="cpu").model.language_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dec = Decoder(model, 2)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    attn = model.model.layers[1].self_attn
+    fused, _ = dec._qkv[1]
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert fused.shape[0] == attn.q_proj.out_features + 2 * attn.k_proj.out_features

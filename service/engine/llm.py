@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 _BLOCK = 8
 
@@ -29,7 +28,7 @@ class _Group:
 
     t: int
     rows: slice | torch.Tensor  # a slice when the rows are consecutive
-    mask: torch.Tensor  # (rows, 1, 1, t): each row sees its own positions only
+    mask: torch.Tensor  # (rows, 1, 1, t) additive: each row sees its own positions only
 
 
 @dataclass
@@ -40,17 +39,56 @@ class _StepPlan:
     t: int
     mask: torch.Tensor | None
     groups: list[_Group] | None = None
+    rows: torch.Tensor = torch.empty(0, dtype=torch.long)  # 0..b-1, the running rows
+    at: torch.Tensor = torch.empty(0, dtype=torch.long)  # their positions, as a tensor
 
 
 def key_bucket(length: int) -> int:
     """The key length a row of `length` positions attends over in batch-invariant mode: a
-    function of its own length only, rounded up to 1/8 of its power of two (at least 64),
-    so rows of similar length share one attention call and waste under 12.5%."""
-    grain = max(64, 1 << max(0, length.bit_length() - 3))
+    function of its own length only, rounded up to a grain of 1/16 of the power of two above
+    it (at least 64), so rows of similar length share one attention call and the padding
+    stays under an eighth of the row (or under 64 keys)."""
+    grain = max(64, 1 << max(0, length.bit_length() - 4))
     return -(-length // grain) * grain
 
 
-def _plain(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _plain(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for linears that read the same input, so a pass makes one matrix
+    product instead of several. The modules' own parameters become views into it: no copy
+    stays behind, and the model's state dict is unchanged."""
+    out = []
+    for name in ("weight", "bias"):
+        parts = [getattr(m, name) for m in modules]
+        if parts[0] is None:
+            out.append(None)
+            continue
+        fused = torch.cat([p.detach() for p in parts])
+        at = 0
+        for m, p in zip(modules, parts):
+            setattr(m, name, torch.nn.Parameter(fused[at:at + p.shape[0]], requires_grad=False))
+            at += p.shape[0]
+        out.append(fused)
+    return out[0], out[1]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (the Qwen2/Llama form) on (b, heads, n, d) with cos/sin of
+    (b, n, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + turned * sin
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm: one fused op in float32 (bit for bit what transformers' module computes
+    there); the module itself for other dtypes, which it upcasts in its own way."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
     return module(x)
 
 
@@ -117,39 +155,46 @@ class Decoder:
         param = next(causal_lm.parameters())
         self.slots = KVSlots(len(self.layers), max_rows, self.kv_heads, self.head_dim,
                              param.dtype, param.device)
+        self._qkv = [_fuse([ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj])
+                     for ly in self.layers]
+        self._gate_up = [_fuse([ly.mlp.gate_proj, ly.mlp.up_proj])[0] for ly in self.layers]
         self._step = _StepPlan([], 0, None)
         self._spans: list[tuple[int, int, int]] = []  # packed prompts: (start, length, row)
         self._lin = _plain  # the projections' function for the pass being run
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                rows: torch.Tensor, positions: torch.Tensor, i: int, prefill: bool) -> torch.Tensor:
-        attn = layer.self_attn
-        b, n, _ = x.shape
+                i: int) -> torch.Tensor:
+        """One layer over the pass's rows (1, L, hidden): the running rows first, each one new
+        token, then the packed prompts. Projections and MLP see every row at once."""
+        attn, mlp = layer.self_attn, layer.mlp
+        length = x.shape[1]
         lin = self._lin
-        h = layer.input_layernorm(x)
-        # (b, n, heads*d) -> (b, heads, n, d)
-        q = lin(attn.q_proj, h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = lin(attn.k_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = lin(attn.v_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if prefill:  # one or more prompts packed along n, each at positions 0..len-1
-            o = self._attend_prompts(q, k, v, i)
-        else:  # b jobs, one new token each at its own position
-            self.slots.k[i][rows, :, positions] = k[:, :, 0]
-            self.slots.v[i][rows, :, positions] = v[:, :, 0]
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        h = _norm(layer.input_layernorm, x)
+        qkv = lin(*self._qkv[i], h).view(1, length, heads + 2 * kv, d).transpose(1, 2)
+        qk = _rotate(qkv[:, :heads + kv], cos, sin)  # (1, heads+kv, L, d): q and k at once
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv:]
+        outs = []
+        b = self._step.rows.shape[0]
+        if b:  # the running rows: write their new keys, attend over their KV rows
+            self.slots.k[i][self._step.rows, :, self._step.at] = k[0, :, :b].transpose(0, 1)
+            self.slots.v[i][self._step.rows, :, self._step.at] = v[0, :, :b].transpose(0, 1)
+            qd = q[0, :, :b].transpose(0, 1).unsqueeze(2)  # (b, heads, 1, d)
             if not self.invariant:
-                o = self._attend_batch(q, positions, i)
+                od = self._attend_batch(qd, i)
             elif self._step.groups is not None:
-                o = self._attend_groups(q, i)
+                od = self._attend_groups(qd, i)
             else:
-                o = self._attend_rows(q, positions, i)
-        o = o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)  # (b, n, hidden)
-        x = x + lin(attn.o_proj, o)
-        h = layer.post_attention_layernorm(x)
-        if lin is _plain:
-            return x + layer.mlp(h)
-        mlp = layer.mlp  # Qwen2/Llama MLP: down(act(gate(h)) * up(h)), in fixed blocks
-        return x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
+                od = self._attend_rows(qd, i)
+            outs.append(od.reshape(b, heads * d))
+        if self._spans:
+            outs.append(self._attend_prompts(q, k, v, i).transpose(1, 2)
+                        .reshape(length - b, heads * d))
+        o = (outs[0] if len(outs) == 1 else torch.cat(outs))[None]  # (1, L, hidden)
+        x = x + lin(attn.o_proj.weight, attn.o_proj.bias, o)
+        h = _norm(layer.post_attention_layernorm, x)
+        gate, up = lin(self._gate_up[i], None, h).chunk(2, dim=-1)  # Qwen2/Llama MLP
+        return x + lin(mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn(gate) * up)
 
     def _attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         i: int) -> torch.Tensor:
@@ -166,7 +211,7 @@ class Decoder:
                 enable_gqa=self.heads != self.kv_heads))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    def _attend_batch(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
+    def _attend_batch(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """All rows in one call over the longest row's length, shorter rows masked."""
         b = q.shape[0]
         t, mask = self._step.t, self._step.mask
@@ -188,14 +233,15 @@ class Decoder:
             values = self.slots.v[i][g.rows, :, :g.t]
             if isinstance(g.rows, slice):
                 keys, values = keys.contiguous(), values.contiguous()
-            o = F.scaled_dot_product_attention(q[g.rows], keys, values, attn_mask=g.mask,
-                                               scale=self.scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q[g.rows].contiguous(), keys, values,
+                                               attn_mask=g.mask, scale=self.scale,
+                                               enable_gqa=gqa)
             if out is None:
                 return o
             out[g.rows] = o
         return out
 
-    def _attend_rows(self, q: torch.Tensor, positions: torch.Tensor, i: int) -> torch.Tensor:
+    def _attend_rows(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
         outs = []
         for r, pos in enumerate(self._step.positions):
@@ -204,13 +250,14 @@ class Decoder:
             keys = self.slots.k[i][r:r + 1, :, :pos + 1].contiguous()
             values = self.slots.v[i][r:r + 1, :, :pos + 1].contiguous()
             outs.append(F.scaled_dot_product_attention(
-                q[r:r + 1], keys, values, scale=self.scale,
+                q[r:r + 1].contiguous(), keys, values, scale=self.scale,
                 enable_gqa=self.heads != self.kv_heads))
         return torch.cat(outs)
 
     @staticmethod
-    def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """module(x) with each row's result independent of how many rows there are.
+    def _linear(weight: torch.Tensor, bias: torch.Tensor | None,
+                x: torch.Tensor) -> torch.Tensor:
+        """F.linear(x, weight, bias) with each row's result independent of how many rows there are.
 
         Under _BLOCK rows BLAS switches to other kernels, so fewer rows are zero-padded. On one
         thread a product of _BLOCK or more rows gives each row the bits it gets in a block of
@@ -227,63 +274,26 @@ class Decoder:
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
         if torch.get_num_threads() == 1:
-            out = F.linear(rows, module.weight, module.bias)
+            out = F.linear(rows, weight, bias)
         else:
-            out = torch.cat([F.linear(rows[s:s + _BLOCK], module.weight, module.bias)
+            out = torch.cat([F.linear(rows[s:s + _BLOCK], weight, bias)
                              for s in range(0, rows.shape[0], _BLOCK)])
         return out[:count].reshape(*shape[:-1], -1)
 
-    def _run(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-             prefill: bool) -> torch.Tensor:
-        pos_ids = positions[None, :] if prefill else positions[:, None]  # (b, n)
-        cos, sin = self.body.rotary_emb(x, pos_ids)
-        for i, layer in enumerate(self.layers):
-            x = self._attend(layer, x, cos, sin, rows, positions, i, prefill)
-        return self.body.norm(x)
-
     def can_pack(self) -> bool:
-        """Whether prompts may share a prefill pass without changing any one's result: always
-        outside batch-invariant mode, on one thread within it (see `_linear`)."""
+        """Whether prompts and running rows may share a pass without changing any one's
+        result: always outside batch-invariant mode, on one thread within it (`_linear`)."""
         return not self.invariant or torch.get_num_threads() == 1
 
-    def _prefill_hidden(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        lengths = [e.shape[0] for e, _ in prompts]
-        if len(prompts) > 1 and not self.can_pack():
-            raise ValueError("packed prefill is not batch-invariant on several threads")
-        self.slots.reserve(max(lengths) + 1)
-        device = prompts[0][0].device
-        starts = [sum(lengths[:j]) for j in range(len(lengths))]
-        self._spans = [(s, n, row) for s, n, (_, row) in zip(starts, lengths, prompts)]
-        # Packed prompts share the projections and MLP, so in batch-invariant mode these
-        # must give a row the same bits whatever else is packed: the one-thread `_linear`.
-        self._lin = self._linear if self.invariant and self.can_pack() else _plain
-        x = prompts[0][0][None] if len(prompts) == 1 else torch.cat([e for e, _ in prompts])[None]
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        return self._run(x, positions, None, prefill=True)[0]  # (total, hidden)
+    def _mask(self, positions: torch.Tensor, t: int) -> torch.Tensor:
+        """(b, 1, 1, t) additive mask, 0 where a row may look and -inf past its position:
+        made once per pass and shared by every layer (a boolean mask would be converted in
+        each attention call)."""
+        beyond = torch.arange(t, device=positions.device)[None, :] > positions[:, None]
+        mask = torch.zeros(beyond.shape, dtype=self.slots.k[0].dtype, device=positions.device)
+        return mask.masked_fill_(beyond, float("-inf"))[:, None, None]
 
-    @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, row: int, all_logits: bool = False) -> torch.Tensor:
-        """Prompt embeddings (n, hidden) into row `row`; logits of the last position (vocab,)
-        or of every position (n, vocab)."""
-        if all_logits:
-            return self.lm.lm_head(self._prefill_hidden([(embeds, row)]))
-        return self.prefill_many([(embeds, row)])[0]
-
-    @torch.inference_mode()
-    def prefill_many(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        """Prompts (embeddings (n_j, hidden), KV row) in one pass: projections and MLP over all
-        their positions together, attention within each. Logits of each last position (J, vocab).
-        In batch-invariant mode each prompt gets exactly what it gets alone (`can_pack`)."""
-        h = self._prefill_hidden(prompts)
-        ends = torch.tensor(list(itertools.accumulate(e.shape[0] for e, _ in prompts)),
-                            device=h.device) - 1
-        last = h[ends]  # (J, hidden)
-        if self.invariant:
-            return self._linear(self.lm.lm_head, last)
-        return self.lm.lm_head(last)
-
-    @staticmethod
-    def _groups(listed: list[int], positions: torch.Tensor) -> list[_Group]:
+    def _groups(self, listed: list[int], positions: torch.Tensor) -> list[_Group]:
         by_bucket: dict[int, list[int]] = {}
         for row, pos in enumerate(listed):
             by_bucket.setdefault(key_bucket(pos + 1), []).append(row)
@@ -293,32 +303,78 @@ class Decoder:
                 sel: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
             else:
                 sel = torch.tensor(rows, device=positions.device)
-            mask = (torch.arange(t, device=positions.device)[None, :]
-                    <= positions[sel][:, None])[:, None, None]
-            groups.append(_Group(t, sel, mask))
+            groups.append(_Group(t, sel, self._mask(positions[sel], t)))
         return groups
 
-    @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab)."""
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor,
+                prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
         b = tokens.shape[0]
-        # Worked out once per step, not once per layer: on a GPU each .max()/.tolist() is a
-        # device sync.
+        lengths = [e.shape[0] for e, _ in prompts]
+        if (b or len(prompts) > 1) and prompts and not self.can_pack():
+            raise ValueError("a shared pass is not batch-invariant on several threads")
+        device = self.slots.k[0].device
+        # What every layer shares, worked out once per pass (on a GPU each .tolist() or
+        # .max() is a device sync): row positions, key length, masks, groups.
         listed = positions.tolist()
-        t = max(listed) + 1
+        t = max(listed) + 1 if b else 0
         mask = groups = None
-        if not self.invariant:  # (b, 1, 1, t): each row sees its own positions only
-            mask = (torch.arange(t, device=positions.device)[None, :]
-                    <= positions[:, None])[:, None, None]
-        elif torch.get_num_threads() == 1:
+        if b and not self.invariant:
+            mask = self._mask(positions, t)
+        elif b and torch.get_num_threads() == 1:
             groups = self._groups(listed, positions)
             t = max(g.t for g in groups)
-        self.slots.reserve(t)
-        self._step = _StepPlan(listed, t, mask, groups)
-        x = self.body.embed_tokens(tokens)[:, None, :]  # (b, 1, hidden)
-        rows = torch.arange(b, device=tokens.device)
-        self._lin = self._linear if self.invariant else _plain
-        h = self._run(x, positions, rows, prefill=False)  # (b, 1, hidden)
+        self.slots.reserve(max([t] + [n + 1 for n in lengths]))
+        self._step = _StepPlan(listed, t, mask, groups, torch.arange(b, device=device),
+                               positions)
+        starts = itertools.accumulate([b] + lengths[:-1])
+        self._spans = [(s, n, row) for s, n, (_, row) in zip(starts, lengths, prompts)]
+        # In batch-invariant mode rows that share a pass must get the bits they get alone:
+        # the one-thread `_linear`. A long prompt alone on several threads is alone by
+        # construction and takes plain products.
+        self._lin = self._linear if self.invariant and (b or self.can_pack()) else _plain
+        parts = ([self.body.embed_tokens(tokens)] if b else []) + [e for e, _ in prompts]
+        x = (parts[0] if len(parts) == 1 else torch.cat(parts))[None]  # (1, L, hidden)
+        pos = torch.cat([positions] + [torch.arange(n, device=device) for n in lengths])
+        cos, sin = self.body.rotary_emb(x, pos[None])
+        for i, layer in enumerate(self.layers):
+            x = self._attend(layer, x, cos, sin, i)
+        return _norm(self.body.norm, x)[0]  # (L, hidden)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                prompts: list[tuple[torch.Tensor, int]] = ()) -> torch.Tensor:
+        """One pass: running rows 0..b-1 take one token each (`tokens` at `positions`, (b,)),
+        and prompts (embeddings (n_j, hidden), KV row) are prefilled beside them. Logits
+        (b + J, vocab): each running row's, then each prompt's last position.
+
+        In batch-invariant mode every row and prompt gets exactly what it gets in a pass of
+        its own (see `can_pack` for when they may share one)."""
+        b = tokens.shape[0]
+        h = self._hidden(tokens, positions, list(prompts))
+        if prompts:
+            ends = list(itertools.accumulate([b] + [e.shape[0] for e, _ in prompts]))[1:]
+            pick = torch.tensor(list(range(b)) + [e - 1 for e in ends], device=h.device)
+            h = h[pick]
         if self.invariant:
-            return self._linear(self.lm.lm_head, h[:, 0])
-        return self.lm.lm_head(h[:, 0])
+            return self._linear(self.lm.lm_head.weight, self.lm.lm_head.bias, h)
+        return self.lm.lm_head(h)
+
+    def _none(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.slots.k[0].device
+        return (torch.empty(0, dtype=torch.long, device=device),) * 2
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, row: int, all_logits: bool = False) -> torch.Tensor:
+        """Prompt embeddings (n, hidden) into row `row`; logits of the last position (vocab,)
+        or of every position (n, vocab)."""
+        if all_logits:
+            return self.lm.lm_head(self._hidden(*self._none(), [(embeds, row)]))
+        return self.forward(*self._none(), [(embeds, row)])[0]
+
+    def prefill_many(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """Prompts (embeddings, KV row) in one pass: logits of each last position (J, vocab)."""
+        return self.forward(*self._none(), prompts)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab)."""
+        return self.forward(tokens, positions)
