@@ -25,6 +25,7 @@ from service.engine.job import (
     TextPart,
     VisionParams,
 )
+from service.engine.llm import DecodeGraphs
 from service.engine.loader import LoadedModel, attention_backend, build_empty
 from service.engine.scheduler import EngineSettings, NativeEngine
 from service.engine.tiny import ensure_tiny, tiny_config, train_tokenizer
@@ -141,11 +142,19 @@ def main() -> None:
     model, cfg = random_model(raw, device, dtype)
     lm = LoadedModel(model, tokenizer, cfg, Path("eagle2-1b-random"), device, dtype)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = NativeEngine(lm, EngineSettings(max_running=max(batches), max_queue=max(batches)),
-                          context_length=16384)
+    engine = NativeEngine(lm, EngineSettings(max_running=max(batches), max_queue=max(batches),
+                                             batch_invariant=False), context_length=16384)
+    if device.type != "cuda":  # the dry run takes the GPU's decode path, minus the capture
+        engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches), capture=False)
     list(engine.submit(text_job("warm", 8)))
     ttft = ttft_13_tiles(engine)
     rows = [batch_rate(engine, b, args.tokens) for b in batches]
+    graphs = engine.decoder.graphs  # CUDA graphs for decode (None on CPU): the same step eager
+    eager = None
+    if graphs is not None:
+        engine.decoder.graphs = None
+        eager = batch_rate(engine, batches[0], args.tokens)
+        engine.decoder.graphs = graphs
     engine.drain(0)
     generate = plain_generate(lm, args.tokens)
     llm_bytes = sum(p.numel() * p.element_size() for n, p in model.language_model.named_parameters())
@@ -165,13 +174,22 @@ def main() -> None:
                   f"{r['aggregate_tokens_per_s'] / generate:.1f}x"] for r in rows]))
     print(f"plain transformers generate(), 1 stream: {generate:.0f} tok/s; engine single "
           f"stream {single:.0f} tok/s = {single / generate:.2f}x generate(), "
-          f"{single / bound:.0%} of the bandwidth bound\n")
+          f"{single / bound:.0%} of the bandwidth bound")
+    if eager is not None:
+        print(f"the same engine without CUDA graphs: batch {eager['batch']} "
+              f"{eager['per_stream_decode_tokens_per_s']:.0f} tok/s per stream; graphs captured: "
+              f"{graphs.captured}, replayed: {graphs.replayed} (none on CPU: the static steps "
+              f"run eagerly there)")
+    print()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps({
         "machine": machine(), "device": name, "llm_bytes": llm_bytes, "bandwidth": bw,
         "bound_tokens_per_s": bound, "ttft_13_tiles": ttft, "batches": rows,
         "generate_tokens_per_s": generate, "single_vs_generate": single / generate,
+        "eager_without_graphs": eager,
+        "graphs": ({"captured": graphs.captured, "replayed": graphs.replayed}
+                   if graphs is not None else None),
         "single_vs_bound": single / bound if bw else None}, indent=2))
 
 

@@ -20,3 +20,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert [b["batch"] for b in data["batches"]] == [1, 4]
     assert all(b["aggregate_tokens_per_s"] > 0 for b in data["batches"])
     assert data["generate_tokens_per_s"] > 0
+    # the dry run decodes through the static steps a GPU captures as CUDA graphs, and once
+    # without them for the comparison row
+    assert "the same engine without CUDA graphs: batch 1" in run.stdout
+    assert data["graphs"] == {"captured": 0, "replayed": 0}
+    assert data["eager_without_graphs"]["batch"] == 1

@@ -206,3 +206,33 @@ def test_fused_projections_are_views_and_leave_the_weights_as_loaded(tiny_dir) -
     fused, _ = dec._qkv[1]
     assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     assert fused.shape[0] == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+
+
+def test_static_decode_steps_for_cuda_graphs_match_the_dynamic_path(tiny) -> None:
+    """What a GPU replays from CUDA graphs, run eagerly here: padded batch buckets, key
+    lengths by power of two (crossing 256 mid-way), a KV growth that retires the shapes."""
+    from service.engine.llm import DecodeGraphs
+
+    lm = tiny.model.language_model
+    ids = torch.randint(0, 600, (400,), generator=torch.Generator().manual_seed(1))
+    lengths = [250, 12, 31, 254, 90]
+    eager, static = Decoder(lm, 16), Decoder(lm, 16)
+    static.graphs = DecodeGraphs(static, 16, capture=False)
+    assert static.graphs.shapes(5, 253) == (8, 256)
+    assert static.graphs.shapes(5, 256) == (8, 512)
+    assert static.graphs.shapes(1, 10) == (1, 256)
+    assert static.graphs.shapes(13, 10) == (16, 256)
+    with torch.inference_mode():
+        for dec in (eager, static):
+            for row, n in enumerate(lengths):
+                dec.prefill(lm.model.embed_tokens(ids[:n]), row)
+        tokens = ids[lengths]
+        positions = torch.tensor(lengths)
+        version = static.slots.version
+        for _ in range(6):  # rows 0 and 3 cross from 256 to 512 keys: the KV rows grow
+            a = eager.decode_step(tokens, positions)
+            b = static.decode_step(tokens, positions, int(positions.max()))
+            assert b.shape == a.shape == (5, lm.config.vocab_size)
+            assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+            tokens, positions = a.argmax(-1), positions + 1
+        assert static.slots.version > version and static.graphs._version == static.slots.version

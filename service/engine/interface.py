@@ -27,6 +27,7 @@ class EngineSettings:
     video_memory_mb: int = 4096
     # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
     batch_invariant: bool | None = None
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, not invariant)
     media: MediaSettings = MediaSettings()
 
 

@@ -14,12 +14,14 @@ exact reproducibility under greedy decoding.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 _BLOCK = 8
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class KVSlots:
                  dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
         self.shape = (rows, kv_heads, capacity, head_dim)
         self.initial = capacity
+        self.version = 0  # bumped whenever the tensors are replaced (captured graphs go stale)
         self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
 
@@ -106,6 +109,7 @@ class KVSlots:
         """Back to the initial capacity (only when no row is in use)."""
         self.k = [t.new_zeros(self.shape) for t in self.k]
         self.v = [t.new_zeros(self.shape) for t in self.v]
+        self.version += 1
 
     @property
     def capacity(self) -> int:
@@ -123,6 +127,7 @@ class KVSlots:
                 new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
                 new[:, :, : old.shape[2]] = old
                 store[i] = new
+        self.version += 1
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row `src` (its first `length` positions) into row `dst`."""
@@ -161,6 +166,7 @@ class Decoder:
         self._step = _StepPlan([], 0, None)
         self._spans: list[tuple[int, int, int]] = []  # packed prompts: (start, length, row)
         self._lin = _plain  # the projections' function for the pass being run
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 i: int) -> torch.Tensor:
@@ -212,13 +218,18 @@ class Decoder:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_batch(self, q: torch.Tensor, i: int) -> torch.Tensor:
-        """All rows in one call over the longest row's length, shorter rows masked."""
+        """All rows in one call over the longest row's length, shorter rows masked. The query
+        heads that share a key head ride as that head's query positions, (b, kv, group, d):
+        one new token has no causal order among its heads, so every backend (masked, no GQA
+        support needed) runs it and no key is read more than once."""
         b = q.shape[0]
         t, mask = self._step.t, self._step.mask
         keys = self.slots.k[i][:b, :, :t]  # rows are 0..b-1: compact by construction
         values = self.slots.v[i][:b, :, :t]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                              enable_gqa=self.heads != self.kv_heads)
+        grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask,
+                                           scale=self.scale)
+        return o.reshape(b, self.heads, 1, self.head_dim)
 
     def _attend_groups(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Rows grouped by key bucket, one call per group over contiguous copies. A row's
@@ -375,6 +386,109 @@ class Decoder:
         """Prompts (embeddings, KV row) in one pass: logits of each last position (J, vocab)."""
         return self.forward(*self._none(), prompts)
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab)."""
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
+                    longest: int | None = None) -> torch.Tensor:
+        """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab).
+        `longest` is the largest position, when the caller knows it (saves a device sync)."""
+        if self.graphs is not None:
+            if longest is None:
+                longest = int(positions.max())
+            return self.graphs(tokens, positions, longest)
         return self.forward(tokens, positions)
+
+    @torch.inference_mode()
+    def static_decode(self, tokens: torch.Tensor, positions: torch.Tensor,
+                      t: int) -> torch.Tensor:
+        """A decode step over fixed shapes: rows 0..B-1, every row over `t` keys with its mask
+        made on the device. Nothing is read back to the host and no tensor is allocated by
+        shape from data, so the step can be captured once as a CUDA graph and replayed
+        (`DecodeGraphs`). The KV rows must already hold `t` positions."""
+        b = tokens.shape[0]
+        self._step = _StepPlan([], t, self._mask(positions, t), None,
+                               torch.arange(b, device=tokens.device), positions)
+        self._spans = []
+        self._lin = _plain
+        x = self.body.embed_tokens(tokens)[None]  # (1, B, hidden)
+        cos, sin = self.body.rotary_emb(x, positions[None])
+        for i, layer in enumerate(self.layers):
+            x = self._attend(layer, x, cos, sin, i)
+        return self.lm.lm_head(_norm(self.body.norm, x)[0])
+
+
+class DecodeGraphs:
+    """Decode steps replayed from CUDA graphs: one launch per step instead of a few hundred
+    kernel launches from Python, which is where single-stream decode loses its time on a GPU.
+
+    A graph is captured, on first use, per (batch bucket, key-length bucket); a step pads
+    its rows up to the bucket (the padding rows are unused KV rows, written at position 0)
+    and attends over the power-of-two key length above its longest row. Captured graphs
+    point at the KV tensors, so they are dropped when those are replaced (growth, idle
+    release). `capture=False` runs the same static steps eagerly: how the padding, buckets
+    and invalidation are tested on a machine without CUDA.
+    """
+
+    BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    MIN_KEYS = 256
+
+    def __init__(self, decoder: Decoder, max_rows: int, capture: bool = True) -> None:
+        self.dec = decoder
+        self.capture = capture
+        self.batches = sorted({b for b in self.BATCHES if b < max_rows} | {max_rows})
+        device = decoder.slots.k[0].device
+        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        self._version = decoder.slots.version
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captured = 0
+        self.replayed = 0
+
+    def shapes(self, rows: int, longest: int) -> tuple[int, int]:
+        """(batch bucket, key length) a step of `rows` rows up to position `longest` runs at."""
+        batch = next(b for b in self.batches if b >= rows)
+        return batch, max(self.MIN_KEYS, 1 << longest.bit_length())
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 longest: int) -> torch.Tensor:
+        b = tokens.shape[0]
+        batch, t = self.shapes(b, longest)
+        self.dec.slots.reserve(t)
+        if self.dec.slots.version != self._version:
+            self._graphs.clear()
+            self._version = self.dec.slots.version
+        self.tokens[:b].copy_(tokens)
+        self.tokens[b:batch].zero_()
+        self.positions[:b].copy_(positions)
+        self.positions[b:batch].zero_()
+        if not self.capture:
+            return self.dec.static_decode(self.tokens[:batch], self.positions[:batch], t)[:b]
+        entry = self._graphs.get((batch, t))
+        if entry is None:
+            try:
+                entry = self._graphs[(batch, t)] = self._capture(batch, t)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # a step this build cannot capture: serve eagerly from now on
+                log.exception("capturing the decode step as a CUDA graph failed; decoding "
+                              "without graphs")
+                self.dec.graphs = None
+                return self.dec.forward(tokens, positions)
+        graph, logits = entry
+        graph.replay()
+        self.replayed += 1
+        return logits[:b]
+
+    def _capture(self, batch: int, t: int) -> tuple[object, torch.Tensor]:
+        args = (self.tokens[:batch], self.positions[:batch], t)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs require
+            for _ in range(2):
+                self.dec.static_decode(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.dec.static_decode(*args)
+        self.captured += 1
+        return graph, logits

@@ -30,7 +30,7 @@ from service.engine.job import (
     Usage,
     check_admission,
 )
-from service.engine.llm import Decoder
+from service.engine.llm import DecodeGraphs, Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import Prepared, Preparer
 from service.engine.sampling import Sampler
@@ -96,6 +96,8 @@ class NativeEngine:
         if invariant is None:
             invariant = loaded.device.type == "cpu"
         self.decoder = Decoder(loaded.model.language_model, settings.max_running, invariant)
+        if loaded.device.type == "cuda" and not invariant and settings.cuda_graphs:
+            self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running)
         # Decode steps and short prompts of a small model on CPU are too short to share among
         # threads: waking the OpenMP team costs more than it saves (a 35-token prompt of the
         # tiny model: 1.2 ms on one thread, 2.8 ms on two). Vision and long prompts keep every
@@ -348,7 +350,7 @@ class NativeEngine:
         try:
             if self.fault_hook:
                 self.fault_hook("step", rows)
-            logits = self.decoder.decode_step(tokens, positions)
+            logits = self.decoder.decode_step(tokens, positions, max(r.length for r in rows))
         except torch.OutOfMemoryError:
             # The batch did not fit: the job holding the most cache leaves with
             # RESOURCE_EXHAUSTED, the others retry the step without it.
