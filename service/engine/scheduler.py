@@ -118,6 +118,7 @@ class NativeEngine:
         self._accepting = True
         self._stop = False
         self.steps = 0
+        self._trimmed_at = -1  # `steps` when memory was last given back
         # A test hook: called as hook("prefill", prepared) and hook("step", rows) before the
         # model runs, so tests can inject faults (out of memory, hangs) on CPU.
         self.fault_hook: Callable[[str, object], None] | None = None
@@ -438,9 +439,12 @@ class NativeEngine:
                 f"retry on another"))
 
     def _release_memory(self) -> None:
-        """Idle: give the KV rows' growth and the allocator's free pages back."""
+        """Idle: give the KV rows' growth and the allocator's free pages back (once per idle
+        spell: the media threads' image buffers are freed too, and glibc keeps them)."""
         if self.decoder.slots.capacity > self.decoder.slots.initial:
             self.decoder.slots.reset()
+        if self.steps != self._trimmed_at:
+            self._trimmed_at = self.steps
             self._free_cached_memory()
 
     def _free_cached_memory(self) -> None:
