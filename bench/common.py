@@ -68,3 +68,26 @@ def write_json(out: Path, name: str, data: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     return path
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants: the server, its engine process and the video decoders."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += process_tree(int(child))
+    return out
+
+
+def tree_status(pid: int, field: str) -> int:
+    """A /proc/<pid>/status number (VmRSS, VmHWM in kB; Threads) summed over the process
+    tree; for VmHWM that is the sum of each process's own peak."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:  # exited meanwhile
+            pass
+    return total

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from eagle.v1 import chat_pb2_grpc
 
-from bench.common import pct, table
+from bench.common import pct, table, tree_status
 from client._common import build_request, channel_options
 from tests import factory
 
@@ -25,28 +25,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants: the server, its engine process and the video decoders."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out += _tree(int(child))
-    return out
-
-
-def _rss_kb(pid: int, field: str = "VmRSS") -> int:
-    """Summed over the process tree (for VmHWM: the sum of each process's own peak)."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:  # exited meanwhile
-            pass
-    return total
 
 
 class ServerProcess:
@@ -156,7 +134,7 @@ def run(out: Path, engine_factory, levels=(1, 4, 16, 64)) -> tuple[str, dict]:
     server = ServerProcess()
     rows, record = [], {"serving": [], "memory": {}}
     try:
-        idle = _rss_kb(server.proc.pid)
+        idle = tree_status(server.proc.pid, "VmRSS")
         for name, request in workloads.items():
             seq = asyncio.run(_level(server.target, request, 1, 16))
             base = seq["tokens_per_s"]
@@ -172,9 +150,9 @@ def run(out: Path, engine_factory, levels=(1, 4, 16, 64)) -> tuple[str, dict]:
                              f"{r['ttft_p99_ms']:.0f}",
                              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}",
                              f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f}"])
-        peak = _rss_kb(server.proc.pid, "VmHWM")
+        peak = tree_status(server.proc.pid, "VmHWM")
         time.sleep(3)
-        after = _rss_kb(server.proc.pid)
+        after = tree_status(server.proc.pid, "VmRSS")
         record["memory"] = {"idle_rss_mb": idle / 1024, "peak_rss_mb": peak / 1024,
                             "after_rss_mb": after / 1024,
                             "after_vs_idle": after / idle if idle else float("nan")}

@@ -24,7 +24,7 @@ import grpc
 from eagle.v1 import chat_pb2 as P
 from eagle.v1 import chat_pb2_grpc
 
-from bench.common import table, write_json
+from bench.common import table, tree_status, write_json
 from tests import factory
 
 
@@ -32,13 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _status(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 class Server:
@@ -183,16 +176,16 @@ def run(requests: int, concurrency: int, out: Path | None, seed: int = 7) -> dic
     server = Server(_free_port(), media_dir, ledger_file)
     server.start()
     time.sleep(1)
-    baseline = {"threads": _status(server.proc.pid, "Threads"),
-                "rss_mb": _status(server.proc.pid, "VmRSS") / 1024}
+    baseline = {"threads": tree_status(server.proc.pid, "Threads"),
+                "rss_mb": tree_status(server.proc.pid, "VmRSS") / 1024}
     exits: list[int] = []
 
     def midway() -> None:  # SIGTERM under load, then a fresh process on the same port
         exits.append(server.stop())
         server.start()
         time.sleep(1)
-        baseline.update(threads=_status(server.proc.pid, "Threads"),
-                        rss_mb=_status(server.proc.pid, "VmRSS") / 1024)
+        baseline.update(threads=tree_status(server.proc.pid, "Threads"),
+                        rss_mb=tree_status(server.proc.pid, "VmRSS") / 1024)
 
     plans = _plan(requests, seed)
     client: dict[str, dict] = {}
@@ -200,8 +193,8 @@ def run(requests: int, concurrency: int, out: Path | None, seed: int = 7) -> dic
     asyncio.run(_drive(server.target, plans, media, concurrency, client, midway))
     duration = time.monotonic() - start
     time.sleep(1.5)
-    after = {"threads": _status(server.proc.pid, "Threads"),
-             "rss_mb": _status(server.proc.pid, "VmRSS") / 1024,
+    after = {"threads": tree_status(server.proc.pid, "Threads"),
+             "rss_mb": tree_status(server.proc.pid, "VmRSS") / 1024,
              "in_flight": server.gauge("eagle_jobs_in_flight"),
              "rpcs_active": server.gauge("eagle_rpcs_active")}
     exits.append(server.stop())
