@@ -131,3 +131,42 @@ def test_kv_rows_shrink_back_when_idle(tiny) -> None:
         time.sleep(0.01)
     assert engine.decoder.slots.capacity == initial
     engine.drain(0)
+
+
+def test_a_packed_prefill_out_of_memory_retries_each_prompt_alone(tiny) -> None:
+    """Short prompts share a prefill pass; if the pass does not fit, each prompt gets one of
+    its own and only a prompt that fails alone fails."""
+    engine = make_engine(tiny)
+    alone = _final(engine.submit(ChatJob("ref", (ChatMessage(Role.USER, (TextPart("a b c"),)),),
+                                         SamplingParams(max_new_tokens=6))))
+    real = engine.decoder.prefill_many
+    passes = []
+
+    def tight(prompts):
+        passes.append(len(prompts))
+        if len(prompts) > 1:
+            raise torch.OutOfMemoryError("injected: the pack does not fit")
+        return real(prompts)
+
+    streams = []
+
+    def submit_four_at_once(stage: str, what) -> None:  # from inside a step: one admission
+        if stage != "step" or streams:
+            return
+        streams.extend(engine.submit(ChatJob(f"p{i}", (ChatMessage(Role.USER, (
+            TextPart("a b c"),)),), SamplingParams(max_new_tokens=6))) for i in range(4))
+        deadline = time.monotonic() + 10
+        while len(engine._waiting) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    engine.decoder.prefill_many = tight
+    engine.fault_hook = submit_four_at_once
+    long = engine.submit(ChatJob("bg", (ChatMessage(Role.USER, (TextPart("x"),)),),
+                                 SamplingParams(max_new_tokens=30, ignore_eos=True)))
+    while len(streams) < 4:
+        time.sleep(0.005)
+    finals = [_final(s) for s in streams]
+    assert _final(long).usage.completion_tokens == 30
+    assert passes[-5:] == [4, 1, 1, 1, 1]
+    assert [f.text for f in finals] == [alone.text] * 4
+    engine.drain(0)
