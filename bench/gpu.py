@@ -14,6 +14,7 @@ from torch import nn
 
 from bench.common import machine, table
 from service.engine.config import parse_config
+from service.engine.graphs import DecodeGraphs
 from service.engine.job import (
     ChatJob,
     ChatMessage,
@@ -25,7 +26,6 @@ from service.engine.job import (
     TextPart,
     VisionParams,
 )
-from service.engine.llm import DecodeGraphs
 from service.engine.loader import LoadedModel, attention_backend, build_empty
 from service.engine.scheduler import EngineSettings, NativeEngine
 from service.engine.tiny import ensure_tiny, tiny_config, train_tokenizer

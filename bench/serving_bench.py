@@ -127,20 +127,22 @@ def run(out: Path, engine_factory, levels=(1, 4, 16, 64)) -> tuple[str, dict]:
         return build_request("What is in this picture?", images=[images[next(counter) % 160]],
                              max_new_tokens=TOKENS, max_tiles_per_image=6)
 
+    # (request, requests at concurrency c): text runs long enough (8 per client, at least
+    # 64) for a level to last a second or more; an image request costs ~50x more
     workloads = {
-        "text": build_request("Write a short story about a lighthouse.", max_new_tokens=TOKENS),
-        "1 image (7 tiles)": one_image,
+        "text": (build_request("Write a short story about a lighthouse.",
+                               max_new_tokens=TOKENS), lambda c: max(64, 8 * c)),
+        "1 image (7 tiles)": (one_image, lambda c: max(16, 2 * c)),
     }
     server = ServerProcess()
     rows, record = [], {"serving": [], "memory": {}}
     try:
         idle = tree_status(server.proc.pid, "VmRSS")
-        for name, request in workloads.items():
-            seq = asyncio.run(_level(server.target, request, 1, 16))
+        for name, (request, count) in workloads.items():
+            seq = asyncio.run(_level(server.target, request, 1, count(1)))
             base = seq["tokens_per_s"]
             for c in levels:
-                r = seq if c == 1 else asyncio.run(_level(server.target, request, c,
-                                                          max(16, 2 * c)))
+                r = seq if c == 1 else asyncio.run(_level(server.target, request, c, count(c)))
                 r["workload"] = name
                 r["speedup_vs_sequential"] = r["tokens_per_s"] / base
                 record["serving"].append(r)

@@ -211,7 +211,7 @@ def test_fused_projections_are_views_and_leave_the_weights_as_loaded(tiny_dir) -
 def test_static_decode_steps_for_cuda_graphs_match_the_dynamic_path(tiny) -> None:
     """What a GPU replays from CUDA graphs, run eagerly here: padded batch buckets, key
     lengths by power of two (crossing 256 mid-way), a KV growth that retires the shapes."""
-    from service.engine.llm import DecodeGraphs
+    from service.engine.graphs import DecodeGraphs
 
     lm = tiny.model.language_model
     ids = torch.randint(0, 600, (400,), generator=torch.Generator().manual_seed(1))

@@ -6,22 +6,30 @@ row, so one decode step advances the whole batch with a single attention call pe
 Rows are kept compact (the running jobs are rows 0..B-1) by moving the last row into a gap.
 
 Batch-invariant mode (the default on CPU) makes a job's tokens independent of what it is
-batched with: matrix products run on fixed 8-row blocks (BLAS picks its kernel by shape, and
-a different kernel rounds differently) and attention runs over a key length that depends on
-the row alone (`key_bucket`), rows of one bucket together. It costs a little speed and buys
-exact reproducibility under greedy decoding.
+batched with: every matrix product gets at least 8 rows (BLAS picks its kernel by shape, and
+a different kernel rounds differently; see `_linear`) and attention runs over a key length
+that depends on the row alone (`key_bucket`), rows of one bucket together. It costs a little
+speed and buys exact reproducibility under greedy decoding.
+
+One pass (`forward`) serves both phases: running rows with one new token each, and prompts
+packed after them. The KV cache is `kv.KVSlots`; CUDA graphs of the decode step are
+`graphs.DecodeGraphs`.
 """
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from service.engine.kv import KVSlots
+
+if TYPE_CHECKING:
+    from service.engine.graphs import DecodeGraphs
+
 _BLOCK = 8
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,51 +100,6 @@ def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
     return module(x)
-
-
-class KVSlots:
-    """Keys and values per layer: (rows, kv_heads, capacity, head_dim), grown by doubling."""
-
-    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
-        self.shape = (rows, kv_heads, capacity, head_dim)
-        self.initial = capacity
-        self.version = 0  # bumped whenever the tensors are replaced (captured graphs go stale)
-        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
-
-    def reset(self) -> None:
-        """Back to the initial capacity (only when no row is in use)."""
-        self.k = [t.new_zeros(self.shape) for t in self.k]
-        self.v = [t.new_zeros(self.shape) for t in self.v]
-        self.version += 1
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
-    def reserve(self, length: int) -> None:
-        """Make room for `length` positions per row."""
-        if length <= self.capacity:
-            return
-        cap = self.capacity
-        while cap < length:
-            cap *= 2
-        for store in (self.k, self.v):
-            for i, old in enumerate(store):
-                new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
-                new[:, :, : old.shape[2]] = old
-                store[i] = new
-        self.version += 1
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row `src` (its first `length` positions) into row `dst`."""
-        for store in (self.k, self.v):
-            for t in store:
-                t[dst, :, :length] = t[src, :, :length]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class Decoder:
@@ -413,82 +376,3 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             x = self._attend(layer, x, cos, sin, i)
         return self.lm.lm_head(_norm(self.body.norm, x)[0])
-
-
-class DecodeGraphs:
-    """Decode steps replayed from CUDA graphs: one launch per step instead of a few hundred
-    kernel launches from Python, which is where single-stream decode loses its time on a GPU.
-
-    A graph is captured, on first use, per (batch bucket, key-length bucket); a step pads
-    its rows up to the bucket (the padding rows are unused KV rows, written at position 0)
-    and attends over the power-of-two key length above its longest row. Captured graphs
-    point at the KV tensors, so they are dropped when those are replaced (growth, idle
-    release). `capture=False` runs the same static steps eagerly: how the padding, buckets
-    and invalidation are tested on a machine without CUDA.
-    """
-
-    BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    MIN_KEYS = 256
-
-    def __init__(self, decoder: Decoder, max_rows: int, capture: bool = True) -> None:
-        self.dec = decoder
-        self.capture = capture
-        self.batches = sorted({b for b in self.BATCHES if b < max_rows} | {max_rows})
-        device = decoder.slots.k[0].device
-        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
-        self._version = decoder.slots.version
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
-        self.captured = 0
-        self.replayed = 0
-
-    def shapes(self, rows: int, longest: int) -> tuple[int, int]:
-        """(batch bucket, key length) a step of `rows` rows up to position `longest` runs at."""
-        batch = next(b for b in self.batches if b >= rows)
-        return batch, max(self.MIN_KEYS, 1 << longest.bit_length())
-
-    @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
-                 longest: int) -> torch.Tensor:
-        b = tokens.shape[0]
-        batch, t = self.shapes(b, longest)
-        self.dec.slots.reserve(t)
-        if self.dec.slots.version != self._version:
-            self._graphs.clear()
-            self._version = self.dec.slots.version
-        self.tokens[:b].copy_(tokens)
-        self.tokens[b:batch].zero_()
-        self.positions[:b].copy_(positions)
-        self.positions[b:batch].zero_()
-        if not self.capture:
-            return self.dec.static_decode(self.tokens[:batch], self.positions[:batch], t)[:b]
-        entry = self._graphs.get((batch, t))
-        if entry is None:
-            try:
-                entry = self._graphs[(batch, t)] = self._capture(batch, t)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception:  # a step this build cannot capture: serve eagerly from now on
-                log.exception("capturing the decode step as a CUDA graph failed; decoding "
-                              "without graphs")
-                self.dec.graphs = None
-                return self.dec.forward(tokens, positions)
-        graph, logits = entry
-        graph.replay()
-        self.replayed += 1
-        return logits[:b]
-
-    def _capture(self, batch: int, t: int) -> tuple[object, torch.Tensor]:
-        args = (self.tokens[:batch], self.positions[:batch], t)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs require
-            for _ in range(2):
-                self.dec.static_decode(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.dec.static_decode(*args)
-        self.captured += 1
-        return graph, logits

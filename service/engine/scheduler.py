@@ -15,6 +15,7 @@ import torch
 
 from preprocess.errors import PreprocessError
 from service.engine.detok import TextAssembler
+from service.engine.graphs import DecodeGraphs
 from service.engine.interface import EngineInfo, EngineSettings
 from service.engine.job import (
     Cancelled,
@@ -30,7 +31,7 @@ from service.engine.job import (
     Usage,
     check_admission,
 )
-from service.engine.llm import DecodeGraphs, Decoder
+from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import Prepared, Preparer
 from service.engine.sampling import Sampler
