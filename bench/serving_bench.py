@@ -137,6 +137,11 @@ def run(out: Path, engine_factory, levels=(1, 4, 16, 64)) -> tuple[str, dict]:
     server = ServerProcess()
     rows, record = [], {"serving": [], "memory": {}}
     try:
+        # idle = after one request of each workload: first-use costs (codec libraries mapped,
+        # lazy imports) are part of a serving process's idle size, not of the load
+        for request, _ in workloads.values():
+            asyncio.run(_level(server.target, request, 1, 1))
+        time.sleep(3)
         idle = tree_status(server.proc.pid, "VmRSS")
         for name, (request, count) in workloads.items():
             seq = asyncio.run(_level(server.target, request, 1, count(1)))

@@ -7,6 +7,7 @@ import sys
 
 from service import logs
 from service import settings as settings_mod
+from service.runtime import limit_malloc_arenas
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eagle-serve: {exc}", file=sys.stderr)
         return 2
     logs.setup(s.log_format, s.log_level)
+    limit_malloc_arenas()  # before the gRPC and media threads start
     log = logging.getLogger("service")
     log.info("settings", extra={"settings": s.describe()})
     from service.engine.job import ModelLoadError

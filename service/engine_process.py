@@ -40,6 +40,7 @@ from service.engine.job import (
     check_admission,
 )
 from service.engine.stream import END, JobStream, Outbox
+from service.runtime import limit_malloc_arenas
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,6 @@ class EngineProcess:
         from service.engine.job import ModelLoadError
 
         ctx = multiprocessing.get_context("spawn")
-        # glibc gives each thread that frees memory an arena of its own and keeps what was
-        # freed in it: the media threads' decoded images left the engine process ~50 MB above
-        # its idle size after an image load. Two arenas: back within a few MB (see README).
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # read by the child's libc at start
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_child_main, args=(settings, child), name="eagle-engine")
         self.proc.start()
@@ -254,6 +251,7 @@ class _Forwarder:
 
 
 def _child_main(settings: Settings, conn) -> None:
+    limit_malloc_arenas()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup(settings.log_format, settings.log_level)

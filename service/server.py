@@ -19,6 +19,7 @@ from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingPa
 from service.interceptors import AuthInterceptor
 from service.ledger import Ledger
 from service.metrics import Metrics
+from service.runtime import trim_malloc
 from service.servicer import ChatServicer, ServingState, Undecodable
 from service.settings import Settings
 
@@ -72,6 +73,7 @@ class EagleServer:
         self.state = ServingState()
         self.failed = asyncio.Event()  # set when the engine is wedged
         self._monitor: asyncio.Task | None = None
+        self._trimmer: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
         rpcs = settings.max_concurrent_rpcs or settings.max_running + settings.max_queue + 64
@@ -111,6 +113,7 @@ class EagleServer:
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._monitor = asyncio.create_task(self._watch_engine())
+        self._trimmer = asyncio.create_task(self._give_memory_back())
         log.info("serving", extra={"address": self.settings.address, "port": self.port})
 
     async def _watch_engine(self) -> None:
@@ -121,11 +124,22 @@ class EagleServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.failed.set()
 
+    async def _give_memory_back(self, every_s: float = 2.0, trim=trim_malloc) -> None:
+        """After a burst, once no call is running: freed heap pages back to the OS (without
+        this the process stayed ~30 MB above idle after the image load of `make bench`)."""
+        seen = self.servicer.calls
+        while True:
+            await asyncio.sleep(every_s)
+            if self.servicer.calls != seen and not self.servicer.active:
+                seen = self.servicer.calls
+                await asyncio.to_thread(trim)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let running ones finish within `grace`."""
         grace = self.settings.grace_seconds if grace is None else grace
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._trimmer):
+            if task is not None:
+                task.cancel()
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)

@@ -58,6 +58,8 @@ class _Call:
 
     def submit(self, request: chat_pb2.ChatRequest | Undecodable):
         self.owner.metrics.active.inc()
+        self.owner.calls += 1
+        self.owner.active += 1
         if isinstance(request, Undecodable):
             raise RequestError("request", f"the message is not a valid eagle.v1.ChatRequest "
                                           f"({request.why[:200]})")
@@ -98,6 +100,7 @@ class _Call:
         elapsed = time.monotonic() - self.start
         m = self.owner.metrics
         m.active.dec()
+        self.owner.active -= 1
         m.requests.labels(self.method, self.code).inc()
         m.latency.labels(self.method).observe(elapsed)
         extra = {"method": self.method, "code": self.code, "ms": round(elapsed * 1000, 1)}
@@ -121,6 +124,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.info = info
         self.default_deadline_s = default_deadline_s
         self.ledger = ledger or NoLedger()
+        self.calls = 0  # Chat/StreamChat calls started, and those not yet ended
+        self.active = 0
 
     async def Chat(self, request: chat_pb2.ChatRequest,  # noqa: N802 (the contract's name)
                    context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:

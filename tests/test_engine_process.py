@@ -167,3 +167,4 @@ def test_the_child_ignores_sigint_and_sigterm_sent_to_the_process_group(tiny_dir
     finally:
         eng.drain(0)
     assert eng.proc.exitcode == 0
+

@@ -324,3 +324,29 @@ def test_async_client(server) -> None:
     assert "".join(parts) == whole.text == result.text
     assert err.code is grpc.StatusCode.INVALID_ARGUMENT
     assert err.field == "generation.max_new_tokens"
+
+
+def test_freed_memory_is_handed_back_once_calls_stop() -> None:
+    """The server trims the heap after traffic, once no call runs (never during a call, never
+    twice for the same calls); glibc here, so the C calls themselves succeed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service import runtime, server
+
+    assert runtime.limit_malloc_arenas() is True and runtime.trim_malloc() is True
+    trims = []
+    calls = SimpleNamespace(calls=0, active=0)
+    app = SimpleNamespace(servicer=calls)
+
+    async def scenario() -> list[int]:
+        task = asyncio.create_task(server.EagleServer._give_memory_back(
+            app, every_s=0.01, trim=lambda: trims.append(1)))
+        seen = []
+        for calls.calls, calls.active in ((0, 0), (3, 2), (3, 0), (3, 0), (5, 0)):
+            await asyncio.sleep(0.2)  # some 20 checks of the trimmer per state
+            seen.append(len(trims))
+        task.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == [0, 0, 1, 1, 2]

@@ -1,8 +1,6 @@
 """The engine thread: admits prepared jobs into the running batch and steps them together."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -37,6 +35,7 @@ from service.engine.prepare import Prepared, Preparer
 from service.engine.sampling import Sampler
 from service.engine.stream import JobStream, Outbox, Sink
 from service.engine.vision import VisionCache, VisionEncoder
+from service.runtime import trim_malloc
 
 __all__ = ["EngineSettings", "NativeEngine"]  # EngineSettings re-exported for callers
 
@@ -44,9 +43,6 @@ log = logging.getLogger(__name__)
 _IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
 _LONG_PROMPT = 256  # tokens from which a prompt is prefilled alone, on every CPU thread
 _PACK_TOKENS = 2048  # positions of short prompts prefilled together in one pass
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):
-    _LIBC = None
 
 
 @dataclass
@@ -453,8 +449,8 @@ class NativeEngine:
         # over torch's object graph takes a few hundred milliseconds
         if self.lm.device.type == "cuda":
             torch.cuda.empty_cache()
-        elif _LIBC is not None:
-            _LIBC.malloc_trim(0)  # glibc keeps freed arenas otherwise; RSS would stay high
+        else:
+            trim_malloc()  # glibc keeps freed pages otherwise; RSS would stay high
 
     def _reap(self) -> None:
         """Drop running jobs whose client went away or whose deadline passed."""
