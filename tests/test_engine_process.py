@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import factory
 import grpc
 import pytest
-from eagle.v1 import chat_pb2, chat_pb2_grpc
-from test_process import _env, _free_port, _wait_serving
+from eagle.v1 import chat_pb2_grpc
+from test_process import _wait_serving, long_request, serve
 
 from service.engine.job import (
     Cancelled,
@@ -117,12 +115,7 @@ def test_a_model_that_cannot_load_is_reported_by_the_server_process(tmp_path) ->
 
 def test_a_dead_child_fails_running_calls_with_unavailable_and_the_server_exits_3(
         tiny_dir) -> None:
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), "--cache-dir",
-         str(tiny_dir.parent), "--video-workers", "0", "--log-format", "json"],
-        env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc, target = serve(tiny_dir, "--video-workers", "0")
     try:
         _wait_serving(target, proc)
         children = [int(p) for t in os.listdir(f"/proc/{proc.pid}/task")
@@ -130,11 +123,8 @@ def test_a_dead_child_fails_running_calls_with_unavailable_and_the_server_exits_
         children = [p for p in children  # not multiprocessing's resource tracker
                     if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
         assert len(children) == 1
-        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=3000,
-                                                                        ignore_eos=True))
-        req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
         stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
-            req, timeout=60)
+            long_request(3000), timeout=60)
         assert next(stream).text
         # the server process itself never loads torch: a light front end (warm-up, events,
         # errors and model info have all crossed the pipe by now)

@@ -52,18 +52,28 @@ def _wait_serving(target: str, proc: subprocess.Popen, limit: float = 120) -> No
     raise AssertionError("server did not become SERVING")
 
 
-def test_sigterm_drains_a_running_stream_then_exits_0(tiny_dir) -> None:
+def serve(tiny_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m service` on a free port with the tiny model, JSON logs on its stderr."""
     port = _free_port()
-    target = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--cache-dir",
-         str(tiny_dir.parent), "--grace-seconds", "30", "--log-format", "json"],
+         str(tiny_dir.parent), "--log-format", "json", *flags],
         env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return proc, f"127.0.0.1:{port}"
+
+
+def long_request(tokens: int) -> chat_pb2.ChatRequest:
+    req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=tokens,
+                                                                    ignore_eos=True))
+    req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
+    return req
+
+
+def test_sigterm_drains_a_running_stream_then_exits_0(tiny_dir) -> None:
+    proc, target = serve(tiny_dir, "--grace-seconds", "30")
     try:
         _wait_serving(target, proc)
-        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=1500,
-                                                                        ignore_eos=True))
-        req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
+        req = long_request(1500)
         stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
             req, timeout=60)
         chunks = [next(stream)]
