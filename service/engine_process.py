@@ -142,6 +142,8 @@ class EngineProcess:
         """The engine's counts, asked of the child (the last answer if it is slow to reply)."""
         with self._stats_lock:
             if self.proc.is_alive() and not self._drained:
+                while not self._stats.empty():  # a late answer to an earlier, timed-out ask
+                    self._stats.get_nowait()
                 self._out.put(("stats",))
                 try:
                     self._last_stats = self._stats.get(timeout=2.0)
