@@ -8,21 +8,27 @@ MODEL ?= tiny
 # satisfies `torch>=2.4` (the server extra) is kept as it is.
 TORCH_SPEC ?= torch>=2.4,<2.14
 PROTO_SRC := protos/eagle/v1/chat.proto
+# The Buf CLI (the dev extra's buf-bin) lints the contract and guards it against breaking
+# changes; the baseline is the contract as released, updated only by `make proto-baseline`.
+BUF ?= buf
+PROTO_BASELINE := protos/eagle/v1/baseline.binpb
 DEMO_DIR ?= .demo
 BENCH_OUT ?= bench/results
 
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 2000
 
-.PHONY: help install protos serve demo test lint bench tiny-model fuzz soak clean
+.PHONY: help install protos proto-baseline serve demo test lint bench tiny-model fuzz soak clean
 
 help:
 	@echo "install     install the project with the server and dev extras"
-	@echo "protos      regenerate protos/eagle/v1/*_pb2*.py(i) from the .proto"
+	@echo "protos      regenerate protos/eagle/v1/*_pb2*.py(i) and check the contract builds"
+	@echo "            for Go and Java with its declared go_package/java_package"
+	@echo "proto-baseline  make the current contract the one buf breaking compares against"
 	@echo "serve       run the server on $(HOST):$(PORT) with the embedded tiny model"
 	@echo "demo        make a sample image and video and call the running server"
 	@echo "test        run the test suite"
-	@echo "lint        ruff over the sources"
+	@echo "lint        ruff over the sources; buf lint and buf breaking over the contract"
 	@echo "bench       run the benchmarks (table printed, JSON in $(BENCH_OUT))"
 	@echo "tiny-model  write the embedded random-weight model to its cache folder"
 	@echo "fuzz        atheris on the image and video decoders, FUZZ_SECONDS each"
@@ -36,6 +42,10 @@ install:
 protos:
 	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTO_SRC)
+	$(PYTHON) protos/check_contract.py --buf $(BUF)
+
+proto-baseline:
+	$(BUF) build --exclude-source-info -o $(PROTO_BASELINE)
 
 tiny-model:
 	$(PYTHON) -m service.engine.tiny
@@ -53,6 +63,8 @@ test:
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_BASELINE)
 
 bench:
 	mkdir -p $(BENCH_OUT)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
-from eagle.v1 import chat_pb2_grpc
+from eagle.v1 import chat_pb2, chat_pb2_grpc
 
 from bench.common import pct, table, tree_status
 from client._common import build_request, channel_options
@@ -125,13 +125,15 @@ def run(out: Path, engine_factory, levels=(1, 4, 16, 64)) -> tuple[str, dict]:
 
     def one_image(_: int):  # a different image every time: no help from the vision cache
         return build_request("What is in this picture?", images=[images[next(counter) % 160]],
-                             max_new_tokens=TOKENS, max_tiles_per_image=6)
+                             max_new_tokens=TOKENS, max_tiles_per_image=6,
+                             message=chat_pb2.StreamChatRequest)
 
     # (request, requests at concurrency c): text runs long enough (8 per client, at least
     # 64) for a level to last a second or more; an image request costs ~50x more
     workloads = {
         "text": (build_request("Write a short story about a lighthouse.",
-                               max_new_tokens=TOKENS), lambda c: max(64, 8 * c)),
+                               max_new_tokens=TOKENS, message=chat_pb2.StreamChatRequest),
+                 lambda c: max(64, 8 * c)),
         "1 image (7 tiles)": (one_image, lambda c: max(16, 2 * c)),
     }
     server = ServerProcess()

@@ -91,11 +91,11 @@ def _plan(n: int, seed: int) -> list[dict]:
     return plans
 
 
-def _request(plan: dict, media: dict) -> P.ChatRequest:
-    r = P.ChatRequest(request_id=plan["id"],
+def _request(plan: dict, media: dict) -> P.ChatRequest | P.StreamChatRequest:
+    r = (P.StreamChatRequest if plan["stream"] else P.ChatRequest)(request_id=plan["id"],
                       generation=P.GenerationConfig(max_new_tokens=plan["tokens"]),
                       vision=P.VisionConfig(max_tiles_per_image=4))
-    m = r.messages.add(role=P.USER)
+    m = r.messages.add(role=P.ROLE_USER)
     kind = plan["kind"]
     if kind == "image":
         m.parts.add(image=P.Image(data=media["image"]))

@@ -118,23 +118,24 @@ class ChatResult:
 
     request_id: str
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop", "length" or "stop_sequence"
     usage: chat_pb2.Usage
     timing: chat_pb2.Timing
     adjustments: list[str] = field(default_factory=list)
+    stop_sequence: str = ""  # the stop string that ended the reply, if one did
 
     @classmethod
-    def from_response(cls, r: chat_pb2.ChatResponse | chat_pb2.ChatChunk,
+    def from_response(cls, r: chat_pb2.ChatResponse | chat_pb2.StreamChatResponse,
                       text: str | None = None) -> ChatResult:
         return cls(r.request_id, r.text if text is None else text,
-                   chat_pb2.FinishReason.Name(r.finish_reason).lower(), r.usage, r.timing,
-                   list(r.adjustments))
+                   finish_reason_name(r.finish_reason), r.usage, r.timing,
+                   list(r.adjustments), r.stop_sequence)
 
     def to_dict(self) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict
 
         return {"request_id": self.request_id, "text": self.text,
-                "finish_reason": self.finish_reason,
+                "finish_reason": self.finish_reason, "stop_sequence": self.stop_sequence,
                 "usage": MessageToDict(self.usage, always_print_fields_with_no_presence=True,
                                        preserving_proto_field_name=True),
                 "timing": MessageToDict(self.timing, always_print_fields_with_no_presence=True,
@@ -142,7 +143,13 @@ class ChatResult:
                 "adjustments": self.adjustments}
 
 
+def finish_reason_name(value: int) -> str:
+    """FINISH_REASON_STOP_SEQUENCE -> "stop_sequence"."""
+    return chat_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
 ImageLike = bytes | str | os.PathLike | Any  # bytes, a path, or a PIL image
+AnyChatRequest = chat_pb2.ChatRequest | chat_pb2.StreamChatRequest
 VideoLike = Video | bytes | str
 
 
@@ -191,17 +198,18 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
                   top_k: int | None = None, repetition_penalty: float | None = None,
                   seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                   max_tiles_per_image: int | None = None, max_video_frames: int | None = None,
-                  frame_timestamps: bool | None = None,
-                  request_id: str = "") -> chat_pb2.ChatRequest:
-    """A ChatRequest: optional system, (user, assistant) history pairs, then the new user
-    message with its images, videos and text in that order (as the upstream worker orders)."""
-    req = chat_pb2.ChatRequest(request_id=request_id)
+                  frame_timestamps: bool | None = None, request_id: str = "",
+                  message: type[AnyChatRequest] = chat_pb2.ChatRequest) -> AnyChatRequest:
+    """A ChatRequest (or, with `message`, a StreamChatRequest: the same fields): optional
+    system, (user, assistant) history pairs, then the new user message with its images,
+    videos and text in that order (as the upstream worker orders)."""
+    req = message(request_id=request_id)
     if system is not None:
-        req.messages.add(role=chat_pb2.SYSTEM).parts.add(text=system)
+        req.messages.add(role=chat_pb2.ROLE_SYSTEM).parts.add(text=system)
     for question, answer in history:
-        req.messages.add(role=chat_pb2.USER).parts.add(text=question)
-        req.messages.add(role=chat_pb2.ASSISTANT).parts.add(text=answer)
-    msg = req.messages.add(role=chat_pb2.USER)
+        req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text=question)
+        req.messages.add(role=chat_pb2.ROLE_ASSISTANT).parts.add(text=answer)
+    msg = req.messages.add(role=chat_pb2.ROLE_USER)
     for img in images:
         msg.parts.add(image=_image(img))
     for v in videos:

@@ -69,11 +69,12 @@ class AsyncEagleClient:
     def stream_chat(self, text: str = "", *, timeout: float | None = None,
                     **kwargs: Any) -> AsyncChatStream:
         """The reply as it is generated: `async for delta in client.stream_chat(...)`."""
-        call = self._stub.StreamChat(build_request(text, **kwargs),
+        call = self._stub.StreamChat(build_request(text, message=chat_pb2.StreamChatRequest,
+                                                   **kwargs),
                                      timeout=timeout or self.timeout, metadata=self._metadata)
         return AsyncChatStream(call)
 
-    async def model_info(self, timeout: float | None = None) -> chat_pb2.ModelInfo:
+    async def model_info(self, timeout: float | None = None) -> chat_pb2.GetModelInfoResponse:
         call = self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
                                        timeout=timeout or self.timeout, metadata=self._metadata)
         try:

@@ -77,12 +77,12 @@ class EagleClient:
     def stream_chat(self, text: str = "", *, timeout: float | None = None,
                     **kwargs: Any) -> ChatStream:
         """The reply as it is generated: iterate the returned ChatStream for text deltas."""
-        req = build_request(text, **kwargs)
+        req = build_request(text, message=chat_pb2.StreamChatRequest, **kwargs)
         call = self._stub.StreamChat(req, timeout=timeout or self.timeout,
                                      metadata=self._metadata)
         return ChatStream(call)
 
-    def model_info(self, timeout: float | None = None) -> chat_pb2.ModelInfo:
+    def model_info(self, timeout: float | None = None) -> chat_pb2.GetModelInfoResponse:
         try:
             return self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
                                            timeout=timeout or self.timeout,

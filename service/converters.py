@@ -25,9 +25,14 @@ from service.engine.job import (
 from service.errors import RequestError
 from service.settings import Settings
 
-_ROLES = {chat_pb2.SYSTEM: Role.SYSTEM, chat_pb2.USER: Role.USER,
-          chat_pb2.ASSISTANT: Role.ASSISTANT}
-_FINISH = {FinishReason.STOP: chat_pb2.STOP, FinishReason.LENGTH: chat_pb2.LENGTH}
+_ROLES = {chat_pb2.ROLE_SYSTEM: Role.SYSTEM, chat_pb2.ROLE_USER: Role.USER,
+          chat_pb2.ROLE_ASSISTANT: Role.ASSISTANT}
+_FINISH = {FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
+           FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
+           FinishReason.STOP_SEQUENCE: chat_pb2.FINISH_REASON_STOP_SEQUENCE}
+# Chat and StreamChat each have their own request message (Buf's STANDARD rules); the two
+# carry the same fields under the same numbers, so one validation serves both.
+AnyChatRequest = chat_pb2.ChatRequest | chat_pb2.StreamChatRequest
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_TOP_K = 8, 64, 1000
 
 
@@ -58,18 +63,28 @@ class Limits:
                    s.default_max_new_tokens, s.default_temperature, model_max_tiles)
 
 
-def request_id(request: chat_pb2.ChatRequest) -> str:
-    """The caller's id when valid, a fresh one when empty."""
+def request_id(request: AnyChatRequest, metadata_id: str = "") -> str:
+    """The request's own id; when it is empty, the call's x-request-id metadata (a mesh
+    proxy's id); when both are empty, a fresh one. Either must be valid."""
     rid = request.request_id
+    if not rid and metadata_id:
+        if not _valid_id(metadata_id):
+            raise RequestError("x-request-id", "the metadata value must be at most 128 "
+                                               "printable ASCII characters without spaces")
+        return metadata_id
     if not rid:
         return uuid.uuid4().hex
-    if len(rid) > 128 or not all(32 < ord(c) < 127 for c in rid):
+    if not _valid_id(rid):
         raise RequestError("request_id", "must be at most 128 printable ASCII characters "
                                          "without spaces")
     return rid
 
 
-def to_job(request: chat_pb2.ChatRequest, limits: Limits, rid: str,
+def _valid_id(rid: str) -> bool:
+    return len(rid) <= 128 and all(32 < ord(c) < 127 for c in rid)
+
+
+def to_job(request: AnyChatRequest, limits: Limits, rid: str,
            timeout_s: float | None = None) -> ChatJob:
     """Validate a ChatRequest and build the engine's ChatJob. Raises RequestError(field, why)."""
     messages = _messages(request, limits)
@@ -82,7 +97,7 @@ def to_job(request: chat_pb2.ChatRequest, limits: Limits, rid: str,
     )
 
 
-def _messages(request: chat_pb2.ChatRequest, limits: Limits) -> tuple[ChatMessage, ...]:
+def _messages(request: AnyChatRequest, limits: Limits) -> tuple[ChatMessage, ...]:
     msgs = request.messages
     if not msgs:
         raise RequestError("messages", "at least one user message is required")
@@ -96,14 +111,15 @@ def _messages(request: chat_pb2.ChatRequest, limits: Limits) -> tuple[ChatMessag
         path = f"messages[{i}]"
         role = _ROLES.get(msg.role)
         if role is None:
-            raise RequestError(f"{path}.role", "must be SYSTEM, USER or ASSISTANT")
+            raise RequestError(f"{path}.role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
         if role is Role.SYSTEM:
             if i != 0:
-                raise RequestError(f"{path}.role", "a SYSTEM message may only come first")
+                raise RequestError(f"{path}.role", "a ROLE_SYSTEM message may only come first")
         elif role is not expected:
-            raise RequestError(f"{path}.role", f"expected {expected.name}: after the optional "
-                                               f"system message, USER and ASSISTANT alternate, "
-                                               f"starting with USER")
+            raise RequestError(f"{path}.role", f"expected ROLE_{expected.name}: after the "
+                                               f"optional system message, ROLE_USER and "
+                                               f"ROLE_ASSISTANT alternate, starting with "
+                                               f"ROLE_USER")
         else:
             expected = Role.ASSISTANT if role is Role.USER else Role.USER
         if not msg.parts:
@@ -113,7 +129,7 @@ def _messages(request: chat_pb2.ChatRequest, limits: Limits) -> tuple[ChatMessag
         out.append(ChatMessage(role, parts))
     if out[-1].role is not Role.USER:
         raise RequestError(f"messages[{len(msgs) - 1}].role",
-                           "the last message must be from the USER")
+                           "the last message must be from ROLE_USER")
     return tuple(out)
 
 
@@ -231,14 +247,16 @@ def timing_pb(t: Timing) -> chat_pb2.Timing:
 def to_response(rid: str, done: Finished) -> chat_pb2.ChatResponse:
     return chat_pb2.ChatResponse(request_id=rid, text=done.text,
                                  finish_reason=_FINISH[done.reason], usage=usage_pb(done.usage),
-                                 timing=timing_pb(done.timing), adjustments=done.adjustments)
+                                 timing=timing_pb(done.timing), adjustments=done.adjustments,
+                                 stop_sequence=done.stop_sequence)
 
 
-def delta_chunk(rid: str, text: str) -> chat_pb2.ChatChunk:
-    return chat_pb2.ChatChunk(request_id=rid, text=text)
+def delta_chunk(rid: str, text: str) -> chat_pb2.StreamChatResponse:
+    return chat_pb2.StreamChatResponse(request_id=rid, text=text)
 
 
-def final_chunk(rid: str, done: Finished, text: str = "") -> chat_pb2.ChatChunk:
-    return chat_pb2.ChatChunk(request_id=rid, text=text, finish_reason=_FINISH[done.reason],
-                              usage=usage_pb(done.usage), timing=timing_pb(done.timing),
-                              adjustments=done.adjustments)
+def final_chunk(rid: str, done: Finished, text: str = "") -> chat_pb2.StreamChatResponse:
+    return chat_pb2.StreamChatResponse(
+        request_id=rid, text=text, finish_reason=_FINISH[done.reason],
+        usage=usage_pb(done.usage), timing=timing_pb(done.timing),
+        adjustments=done.adjustments, stop_sequence=done.stop_sequence)

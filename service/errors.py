@@ -55,9 +55,10 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged", ""
 
 
-def rich_status(code: grpc.StatusCode, message: str, field: str = "",
-                retry_ms: int = 0) -> grpc.Status:
-    """A google.rpc.Status with BadRequest (the field) or RetryInfo (overload) attached."""
+def rich_status(code: grpc.StatusCode, message: str, field: str = "", retry_ms: int = 0,
+                trailers: tuple[tuple[str, str], ...] = ()) -> grpc.Status:
+    """A google.rpc.Status with BadRequest (the field) or RetryInfo (overload) attached, and
+    `trailers` sent beside it in the trailing metadata."""
     details = []
     if field:
         bad = error_details_pb2.BadRequest(field_violations=[
@@ -69,7 +70,19 @@ def rich_status(code: grpc.StatusCode, message: str, field: str = "",
         details.append(_pack(info))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message,
                                details=details)
-    return rpc_status.to_status(status)
+    out = rpc_status.to_status(status)
+    if trailers:
+        out = _Status(out.code, out.details, tuple(out.trailing_metadata) + tuple(trailers))
+    return out
+
+
+class _Status(grpc.Status):
+    """grpc.Status is an interface: this is the plain value grpc_status builds, with room
+    for more trailing metadata than the status details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, object], ...]) -> None:
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
 
 
 def _pack(message) -> any_pb2.Any:

@@ -32,20 +32,24 @@ def chat_handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
     ChatRequest (invalid UTF-8 in a string field, garbage) reach the servicer as
     Undecodable and get INVALID_ARGUMENT, where grpcio would answer INTERNAL."""
 
-    def parse(data: bytes):
-        try:
-            return chat_pb2.ChatRequest.FromString(data)
-        except Exception as exc:  # protobuf's DecodeError, and UnicodeDecodeError in strings
-            return Undecodable(str(exc) or type(exc).__name__)
+    def parser(message):
+        def parse(data: bytes):
+            try:
+                return message.FromString(data)
+            except Exception as exc:  # protobuf's DecodeError; UnicodeDecodeError in strings
+                return Undecodable(str(exc) or type(exc).__name__, message.__name__)
+        return parse
 
-    out = chat_pb2.ChatResponse.SerializeToString
     return grpc.method_handlers_generic_handler(SERVICE, {
-        "Chat": grpc.unary_unary_rpc_method_handler(servicer.Chat, parse, out),
+        "Chat": grpc.unary_unary_rpc_method_handler(
+            servicer.Chat, parser(chat_pb2.ChatRequest),
+            chat_pb2.ChatResponse.SerializeToString),
         "StreamChat": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamChat, parse, chat_pb2.ChatChunk.SerializeToString),
+            servicer.StreamChat, parser(chat_pb2.StreamChatRequest),
+            chat_pb2.StreamChatResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, chat_pb2.GetModelInfoRequest.FromString,
-            chat_pb2.ModelInfo.SerializeToString),
+            chat_pb2.GetModelInfoResponse.SerializeToString),
     })
 
 

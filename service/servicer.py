@@ -38,9 +38,22 @@ class ServingState:
 
 @dataclass(frozen=True)
 class Undecodable:
-    """Request bytes that did not parse as a ChatRequest."""
+    """Request bytes that did not parse as the method's request message."""
 
     why: str
+    message: str = "ChatRequest"
+
+
+# The metadata key a mesh uses for request ids (Envoy sets and forwards it); taken when the
+# request's own request_id is empty, and sent back in the trailing metadata of every call.
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("ascii", "replace")
+    return ""
 
 
 class _Call:
@@ -56,14 +69,15 @@ class _Call:
         self.done: Finished | None = None
         self._token = None
 
-    def submit(self, request: chat_pb2.ChatRequest | Undecodable):
+    def submit(self, request: converters.AnyChatRequest | Undecodable):
         self.owner.metrics.active.inc()
         self.owner.calls += 1
         self.owner.active += 1
         if isinstance(request, Undecodable):
-            raise RequestError("request", f"the message is not a valid eagle.v1.ChatRequest "
-                                          f"({request.why[:200]})")
-        self.rid = converters.request_id(request)
+            raise RequestError("request", f"the message is not a valid eagle.v1."
+                                          f"{request.message} ({request.why[:200]})")
+        self.rid = converters.request_id(request, _metadata_value(self.context, REQUEST_ID_KEY))
+        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
         self._token = logs.request_id.set(self.rid)
         self.owner.ledger.write("accepted", self.rid, method=self.method)
         self.owner.state.check()
@@ -91,7 +105,8 @@ class _Call:
         self.code = code.name
         retry = 1000 if code in (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  grpc.StatusCode.UNAVAILABLE) else 0
-        await self.context.abort_with_status(rich_status(code, message, field, retry))
+        extra = ((REQUEST_ID_KEY, self.rid),) if self.rid else ()
+        await self.context.abort_with_status(rich_status(code, message, field, retry, extra))
 
     def close(self) -> None:
         if self.stream is not None and not self.stream.done.is_set():
@@ -142,8 +157,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             call.close()
 
-    async def StreamChat(self, request: chat_pb2.ChatRequest,  # noqa: N802
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
+    async def StreamChat(self, request: chat_pb2.StreamChatRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
         call = _Call(self, "StreamChat", context)
         try:
             async for event in call.submit(request):
@@ -161,9 +177,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             call.close()
 
     async def GetModelInfo(self, request: chat_pb2.GetModelInfoRequest,  # noqa: N802
-                           context: grpc.aio.ServicerContext) -> chat_pb2.ModelInfo:
+                           context: grpc.aio.ServicerContext
+                           ) -> chat_pb2.GetModelInfoResponse:
         info = self.engine.info()
-        return chat_pb2.ModelInfo(
+        return chat_pb2.GetModelInfoResponse(
             model_name=info.model_name, model_type=info.model_type,
             context_length=info.context_length, tokens_per_tile=info.tokens_per_tile,
             tile_size=info.tile_size, max_tiles_per_image=self.limits.max_tiles_per_image,

@@ -61,7 +61,7 @@ def requests(draw):
                                             max_video_frames=draw(st.integers(0, 100))))
     if draw(st.booleans()):  # most requests should get far enough to reach the model
         r.ClearField("messages")
-        r.messages.add(role=P.USER).parts.extend(draw(st.lists(part, min_size=1, max_size=3)))
+        r.messages.add(role=P.ROLE_USER).parts.extend(draw(st.lists(part, min_size=1, max_size=3)))
     return r
 
 

@@ -81,7 +81,7 @@ def test_assembler_never_splits_a_character_and_holds_stop_prefixes(tiny) -> Non
     stopper = TextAssembler(tok, stop=("東京",))
     out = [stopper.add(i) for i in tok.encode(text, add_special_tokens=False)]
     out.append(stopper.finish())
-    assert "".join(out) == "Unicode: café " and stopper.stopped
+    assert "".join(out) == "Unicode: café " and stopper.stopped and stopper.stopped_by == "東京"
 
 
 def test_stop_strings_end_the_reply_without_the_stop_text(engine) -> None:
@@ -89,7 +89,7 @@ def test_stop_strings_end_the_reply_without_the_stop_text(engine) -> None:
     cut = free.text[6:9]
     assert len(cut) == 3
     deltas, stopped = run(engine, job("Describe a park", max_new_tokens=30, stop=(cut,)))
-    assert stopped.reason is FinishReason.STOP
+    assert stopped.reason is FinishReason.STOP_SEQUENCE and stopped.stop_sequence == cut
     assert stopped.text == free.text[: free.text.index(cut)]
     assert "".join(deltas) == stopped.text and cut not in stopped.text
 

@@ -74,7 +74,7 @@ def req(*parts, gen=None, vision=None, rid="", messages=None) -> P.ChatRequest:
     if messages is not None:
         r.messages.extend(messages)
         return r
-    msg = r.messages.add(role=P.USER)
+    msg = r.messages.add(role=P.ROLE_USER)
     for part in parts + (P.Part(text="what is this?"),):
         msg.parts.append(part)
     return r
@@ -124,7 +124,7 @@ CASES = {
     "17 images": (lambda p: req(*[img(JPEG)] * 17), IA,
                   "messages[0].parts[16].image: more than 16 images in the request, the limit"),
     "image in an assistant turn": (lambda p: req(messages=[
-        msg(P.USER, "a"), P.Message(role=P.ASSISTANT, parts=[img(JPEG)]), msg(P.USER, "b")]),
+        msg(P.ROLE_USER, "a"), P.Message(role=P.ROLE_ASSISTANT, parts=[img(JPEG)]), msg(P.ROLE_USER, "b")]),
         IA, "messages[1].parts[0].image: images are allowed in USER messages only"),
     "image reference outside the root": (lambda p: req(img(uri="../outside.mp4")), PD,
                                          "image 1: '../outside.mp4' is outside the server's "
@@ -174,29 +174,29 @@ CASES = {
     # messages
     "no messages": (lambda p: req(messages=[]), IA,
                     "messages: at least one user message is required"),
-    "a message without parts": (lambda p: req(messages=[P.Message(role=P.USER)]), IA,
+    "a message without parts": (lambda p: req(messages=[P.Message(role=P.ROLE_USER)]), IA,
                                 "messages[0].parts: a message needs at least one part"),
     "unset role": (lambda p: req(messages=[P.Message(parts=[P.Part(text="x")])]), IA,
-                   "messages[0].role: must be SYSTEM, USER or ASSISTANT"),
-    "system in the middle": (lambda p: req(messages=[msg(P.USER, "a"), msg(P.SYSTEM, "b")]),
-                             IA, "messages[1].role: a SYSTEM message may only come first"),
-    "assistant first": (lambda p: req(messages=[msg(P.ASSISTANT, "a"), msg(P.USER, "b")]), IA,
-                        "messages[0].role: expected USER"),
-    "two users in a row": (lambda p: req(messages=[msg(P.USER, "a"), msg(P.USER, "b")]), IA,
-                           "messages[1].role: expected ASSISTANT"),
-    "ends with assistant": (lambda p: req(messages=[msg(P.USER, "a"), msg(P.ASSISTANT, "b")]),
-                            IA, "messages[1].role: the last message must be from the USER"),
-    "129 parts": (lambda p: req(messages=[msg(P.USER, *["x"] * 129)]), IA,
+                   "messages[0].role: must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"),
+    "system in the middle": (lambda p: req(messages=[msg(P.ROLE_USER, "a"), msg(P.ROLE_SYSTEM, "b")]),
+                             IA, "messages[1].role: a ROLE_SYSTEM message may only come first"),
+    "assistant first": (lambda p: req(messages=[msg(P.ROLE_ASSISTANT, "a"), msg(P.ROLE_USER, "b")]), IA,
+                        "messages[0].role: expected ROLE_USER"),
+    "two users in a row": (lambda p: req(messages=[msg(P.ROLE_USER, "a"), msg(P.ROLE_USER, "b")]), IA,
+                           "messages[1].role: expected ROLE_ASSISTANT"),
+    "ends with assistant": (lambda p: req(messages=[msg(P.ROLE_USER, "a"), msg(P.ROLE_ASSISTANT, "b")]),
+                            IA, "messages[1].role: the last message must be from ROLE_USER"),
+    "129 parts": (lambda p: req(messages=[msg(P.ROLE_USER, *["x"] * 129)]), IA,
                   "messages[0].parts[128]: more than 128 parts in the request, the limit"),
-    "65 messages": (lambda p: req(messages=[msg(P.USER if i % 2 == 0 else P.ASSISTANT, "x")
+    "65 messages": (lambda p: req(messages=[msg(P.ROLE_USER if i % 2 == 0 else P.ROLE_ASSISTANT, "x")
                                             for i in range(65)]), IA,
                     "messages: 65 messages, over the limit of 64"),
-    "text over the character cap": (lambda p: req(messages=[msg(P.USER, "x" * 200_001)]), IA,
+    "text over the character cap": (lambda p: req(messages=[msg(P.ROLE_USER, "x" * 200_001)]), IA,
                                     "the request's text is over the 200,000-character limit"),
-    "text over the context": (lambda p: req(messages=[msg(P.USER, "w " * 99_000)]), IA,
+    "text over the context": (lambda p: req(messages=[msg(P.ROLE_USER, "w " * 99_000)]), IA,
                               "tokens over; shorten the text"),
     "empty part in a system message": (lambda p: req(messages=[
-        P.Message(role=P.SYSTEM, parts=[P.Part()]), msg(P.USER, "x")]), IA,
+        P.Message(role=P.ROLE_SYSTEM, parts=[P.Part()]), msg(P.ROLE_USER, "x")]), IA,
         "messages[0].parts[0]: the part has no text, image or video"),
     # generation and vision settings
     "max_new_tokens huge": (lambda p: req(gen=gen(max_new_tokens=10**9)), IA,

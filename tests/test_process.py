@@ -62,10 +62,10 @@ def serve(tiny_dir, *flags: str) -> tuple[subprocess.Popen, str]:
     return proc, f"127.0.0.1:{port}"
 
 
-def long_request(tokens: int) -> chat_pb2.ChatRequest:
-    req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=tokens,
+def long_request(tokens: int) -> chat_pb2.StreamChatRequest:
+    req = chat_pb2.StreamChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=tokens,
                                                                     ignore_eos=True))
-    req.messages.add(role=chat_pb2.USER).parts.add(text="a long answer please")
+    req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="a long answer please")
     return req
 
 
@@ -96,7 +96,7 @@ def test_sigterm_drains_a_running_stream_then_exits_0(tiny_dir) -> None:
             fresh.Chat(req, timeout=5)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         chunks += list(stream)
-        assert chunks[-1].finish_reason == chat_pb2.LENGTH
+        assert chunks[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
         assert chunks[-1].usage.completion_tokens == 1500
         assert proc.wait(timeout=60) == 0
         lines = [json.loads(line) for line in proc.stderr.read().splitlines()
@@ -174,7 +174,7 @@ const def = loader.loadSync('eagle/v1/chat.proto', {includeDirs: [protoDir], kee
   longs: Number, enums: String, defaults: true});
 const eagle = grpc.loadPackageDefinition(def).eagle.v1;
 const client = new eagle.ChatService(target, grpc.credentials.createInsecure());
-const request = {messages: [{role: 'USER', parts: [{image: {data: fs.readFileSync(imagePath)}},
+const request = {messages: [{role: 'ROLE_USER', parts: [{image: {data: fs.readFileSync(imagePath)}},
   {text: 'What is in this picture?'}]}], generation: {max_new_tokens: 5}};
 client.Chat(request, (err, reply) => {
   if (err) { console.error(err); process.exit(1); }
@@ -204,8 +204,8 @@ def test_a_nodejs_client_calls_chat_and_stream_chat(server, media_root, tmp_path
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out["chat"]["finish_reason"] == "LENGTH"
+    assert out["chat"]["finish_reason"] == "FINISH_REASON_LENGTH"
     assert out["chat"]["usage"]["completion_tokens"] == 5
     assert out["chat"]["usage"]["image_tiles"] == 13
     assert out["streamed"] == out["chat"]["text"]
-    assert out["last"]["finish_reason"] == "LENGTH"
+    assert out["last"]["finish_reason"] == "FINISH_REASON_LENGTH"

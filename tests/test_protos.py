@@ -29,12 +29,24 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
     assert [m.name for m in service.methods] == ["Chat", "StreamChat", "GetModelInfo"]
     assert service.methods_by_name["StreamChat"].server_streaming
     assert chat_pb2.DESCRIPTOR.package == "eagle.v1"
-    assert chat_pb2.Role.Value("SYSTEM") == 1 and chat_pb2.Role.Value("ASSISTANT") == 3
-    assert chat_pb2.FinishReason.Value("STOP") == 1 and chat_pb2.FinishReason.Value("LENGTH") == 2
+    assert chat_pb2.Role.Value("ROLE_SYSTEM") == 1 and chat_pb2.Role.Value("ROLE_ASSISTANT") == 3
+    assert [(v.name, v.number) for v in chat_pb2.FinishReason.DESCRIPTOR.values] == [
+        ("FINISH_REASON_UNSPECIFIED", 0), ("FINISH_REASON_STOP", 1), ("FINISH_REASON_LENGTH", 2),
+        ("FINISH_REASON_STOP_SEQUENCE", 3)]
+    rpcs = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
+    assert rpcs == {"Chat": ("ChatRequest", "ChatResponse"),
+                    "StreamChat": ("StreamChatRequest", "StreamChatResponse"),
+                    "GetModelInfo": ("GetModelInfoRequest", "GetModelInfoResponse")}
+    fields = {m: [(f.name, f.number) for f in chat_pb2.DESCRIPTOR.message_types_by_name[m].fields]
+              for m in ("ChatRequest", "StreamChatRequest", "ChatResponse", "StreamChatResponse")}
+    # the two requests (and the two replies) are the same on the wire
+    assert fields["ChatRequest"] == fields["StreamChatRequest"] == [
+        ("request_id", 1), ("messages", 2), ("generation", 3), ("vision", 4)]
+    assert fields["ChatResponse"] == fields["StreamChatResponse"] == [
+        ("request_id", 1), ("text", 2), ("finish_reason", 3), ("usage", 4), ("timing", 5),
+        ("adjustments", 6), ("stop_sequence", 7)]
     fields = {m: [f.name for f in chat_pb2.DESCRIPTOR.message_types_by_name[m].fields]
-              for m in ("ChatRequest", "Part", "Image", "Video", "GenerationConfig",
-                        "VisionConfig", "ChatChunk", "ChatResponse", "Usage", "Timing")}
-    assert fields["ChatRequest"] == ["request_id", "messages", "generation", "vision"]
+              for m in ("Part", "Video", "GenerationConfig", "Usage", "Timing")}
     assert fields["Part"] == ["text", "image", "video"]
     assert fields["Video"] == ["uri", "data", "num_frames", "start_seconds", "end_seconds"]
     assert fields["GenerationConfig"] == ["max_new_tokens", "temperature", "top_p", "top_k",

@@ -23,9 +23,9 @@ from service.engine.job import Delta, OutOfMemory, Unavailable
 from service.engine.loader import load_model, resolve_model
 
 
-def request(text: str = "hi", **gen) -> chat_pb2.ChatRequest:
-    req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(**gen))
-    req.messages.add(role=chat_pb2.USER).parts.add(text=text)
+def request(text: str = "hi", message=chat_pb2.ChatRequest, **gen) -> chat_pb2.ChatRequest:
+    req = message(generation=chat_pb2.GenerationConfig(**gen))
+    req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text=text)
     return req
 
 
@@ -97,7 +97,7 @@ def test_an_error_after_three_chunks_arrives_with_its_exact_status(tiny) -> None
         stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(srv.target))
         got = []
         with pytest.raises(grpc.RpcError) as info:
-            for chunk in stub.StreamChat(request(), timeout=10):
+            for chunk in stub.StreamChat(request(message=chat_pb2.StreamChatRequest), timeout=10):
                 got.append(chunk.text)
         assert got == ["a", "b", "c"]
         assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -131,7 +131,7 @@ def test_calls_without_a_deadline_get_the_server_default(tiny) -> None:
 def test_concurrent_rpc_cap_sheds_load_at_once(tiny) -> None:
     with RunningServer(make_engine(tiny), max_concurrent_rpcs=2) as srv:
         stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(srv.target))
-        held = [stub.StreamChat(request(max_new_tokens=4000, ignore_eos=True), timeout=60)
+        held = [stub.StreamChat(request(message=chat_pb2.StreamChatRequest, max_new_tokens=4000, ignore_eos=True), timeout=60)
                 for _ in range(2)]
         for call in held:
             next(call)
@@ -150,7 +150,7 @@ def test_keepalive_pings_too_often_get_goaway_agreed_ones_survive(tiny) -> None:
     with RunningServer(engine, min_ping_interval_ms=1000, max_ping_strikes=1,
                        keepalive_time_ms=300, keepalive_timeout_ms=5000) as srv:
         good = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(srv.target))
-        busy = good.StreamChat(request(max_new_tokens=4000, ignore_eos=True), timeout=60)
+        busy = good.StreamChat(request(message=chat_pb2.StreamChatRequest, max_new_tokens=4000, ignore_eos=True), timeout=60)
         next(busy)  # the engine is busy: the next call waits in the queue, no data flowing
         rude = grpc.insecure_channel(srv.target, options=[
             ("grpc.keepalive_time_ms", 50), ("grpc.keepalive_permit_without_calls", 1),

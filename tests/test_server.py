@@ -24,14 +24,14 @@ def stub(target: str) -> chat_pb2_grpc.ChatServiceStub:
     return chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target))
 
 
-def long_text(text: str, tokens: int = 4000) -> chat_pb2.ChatRequest:
-    """A request that generates exactly `tokens` tokens (end-of-turn ignored)."""
-    return user_text(text, max_new_tokens=tokens, ignore_eos=True)
+def long_text(text: str, tokens: int = 4000) -> chat_pb2.StreamChatRequest:
+    """A StreamChat request that generates exactly `tokens` tokens (end-of-turn ignored)."""
+    return user_text(text, chat_pb2.StreamChatRequest, max_new_tokens=tokens, ignore_eos=True)
 
 
-def user_text(text: str, **gen) -> chat_pb2.ChatRequest:
-    req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(**gen))
-    req.messages.add(role=chat_pb2.USER).parts.add(text=text)
+def user_text(text: str, message=chat_pb2.ChatRequest, **gen) -> chat_pb2.ChatRequest:
+    req = message(generation=chat_pb2.GenerationConfig(**gen))
+    req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text=text)
     return req
 
 
@@ -53,10 +53,10 @@ def test_chat_and_stream_agree_and_report_usage(server) -> None:
 
 
 def test_streamed_chunks_put_finish_reason_on_the_last_only(server) -> None:
-    chunks = list(stub(server.target).StreamChat(user_text("Hi", max_new_tokens=8), timeout=30))
+    chunks = list(stub(server.target).StreamChat(user_text("Hi", chat_pb2.StreamChatRequest, max_new_tokens=8), timeout=30))
     assert [c.finish_reason for c in chunks[:-1]] == [chat_pb2.FINISH_REASON_UNSPECIFIED] * (
         len(chunks) - 1)
-    assert chunks[-1].finish_reason == chat_pb2.LENGTH
+    assert chunks[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
     assert chunks[-1].usage.completion_tokens == 8 and not chunks[0].HasField("usage")
     assert len({c.request_id for c in chunks}) == 1
 
@@ -88,10 +88,10 @@ def _fails(target: str, req: chat_pb2.ChatRequest, **kw) -> grpc.RpcError:
 
 @pytest.mark.parametrize("mutate,field,message", [
     (lambda r: r.ClearField("messages"), "messages", "at least one user message is required"),
-    (lambda r: r.messages.add(role=chat_pb2.ASSISTANT).parts.add(text="x"),
-     "messages[1].role", "the last message must be from the USER"),
+    (lambda r: r.messages.add(role=chat_pb2.ROLE_ASSISTANT).parts.add(text="x"),
+     "messages[1].role", "the last message must be from ROLE_USER"),
     (lambda r: setattr(r.messages[0], "role", 0), "messages[0].role",
-     "must be SYSTEM, USER or ASSISTANT"),
+     "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"),
     (lambda r: r.messages[0].parts.add(), "messages[0].parts[1]",
      "the part has no text, image or video"),
     (lambda r: setattr(r.generation, "max_new_tokens", 100000), "generation.max_new_tokens",
@@ -116,9 +116,9 @@ def test_invalid_fields_name_the_field(server, mutate, field, message) -> None:
 
 def test_a_bad_image_is_invalid_argument_with_its_field_path(server) -> None:
     req = chat_pb2.ChatRequest()
-    req.messages.add(role=chat_pb2.USER).parts.add(text="first")
-    req.messages.add(role=chat_pb2.ASSISTANT).parts.add(text="ok")
-    last = req.messages.add(role=chat_pb2.USER)
+    req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="first")
+    req.messages.add(role=chat_pb2.ROLE_ASSISTANT).parts.add(text="ok")
+    last = req.messages.add(role=chat_pb2.ROLE_USER)
     last.parts.add(image=chat_pb2.Image(data=PHOTO[: len(PHOTO) // 3]))
     last.parts.add(text="what now?")
     err = _fails(server.target, req)
@@ -199,7 +199,7 @@ def test_deadline_ends_a_long_generation_promptly(server) -> None:
     start = time.monotonic()
     err = None
     try:
-        stub(server.target).Chat(long_text("long"), timeout=0.2)
+        stub(server.target).Chat(user_text("long", max_new_tokens=4000, ignore_eos=True), timeout=0.2)
     except grpc.RpcError as exc:
         err = exc
     assert err is not None and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
@@ -244,7 +244,7 @@ def test_bugs_are_internal_never_unknown(tiny, error, code, message) -> None:
         err = _fails(srv.target, user_text("x"))
         assert err.code() is code and err.details() == message
         with pytest.raises(grpc.RpcError) as info:
-            list(stub(srv.target).StreamChat(user_text("x"), timeout=10))
+            list(stub(srv.target).StreamChat(user_text("x", chat_pb2.StreamChatRequest), timeout=10))
         assert info.value.code() is code
 
 

@@ -22,7 +22,7 @@ def test_a_step_over_its_limit_fails_calls_with_unavailable_and_flips_health(tin
         engine.fault_hook = hang
         channel = grpc.insecure_channel(srv.target)
         req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=5))
-        req.messages.add(role=chat_pb2.USER).parts.add(text="hi")
+        req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="hi")
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             chat_pb2_grpc.ChatServiceStub(channel).Chat(req, timeout=30)

@@ -20,6 +20,7 @@ class TextAssembler:
         self._decoded = ""  # all text decoded so far (emitted + held back)
         self._emitted = 0  # characters of _decoded already handed out
         self.stopped = False
+        self.stopped_by = ""  # the stop string found, once `stopped`
         self._cache_key: tuple[int, int] | None = None
         self._cache_text = ""
 
@@ -68,7 +69,7 @@ class TextAssembler:
             at = self._decoded.find(s, max(0, self._emitted - len(s) + 1))
             if at >= 0:
                 self._decoded = self._decoded[:at]
-                self.stopped = True
+                self.stopped, self.stopped_by = True, s
                 final = True
         end = len(self._decoded)
         if not final:

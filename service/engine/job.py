@@ -90,8 +90,9 @@ class ChatJob:
 
 
 class FinishReason(str, Enum):
-    STOP = "stop"
-    LENGTH = "length"
+    STOP = "stop"  # the model's end-of-turn token
+    LENGTH = "length"  # max_new_tokens or the context
+    STOP_SEQUENCE = "stop_sequence"  # one of SamplingParams.stop
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Finished:
     usage: Usage
     timing: Timing
     adjustments: tuple[str, ...] = ()
+    stop_sequence: str = ""  # the stop string that ended the reply (STOP_SEQUENCE)
 
 
 Event = Delta | Finished

@@ -393,7 +393,7 @@ class NativeEngine:
         if delta:
             r.stream.push(Delta(delta), self._outbox)
         if r.text.stopped:
-            self._finish(r, FinishReason.STOP)
+            self._finish(r, FinishReason.STOP_SEQUENCE)
         elif (r.generated >= r.prep.job.sampling.max_new_tokens
               or r.length + 1 >= self.context_length):
             self._finish(r, FinishReason.LENGTH)
@@ -403,6 +403,8 @@ class NativeEngine:
         tail = r.text.finish()
         if tail:
             r.stream.push(Delta(tail), self._outbox)
+        if r.text.stopped:  # found when the last held-back text was flushed
+            reason = FinishReason.STOP_SEQUENCE
         end = time.monotonic()
         p = r.prep
         usage = Usage(prompt_tokens=len(p.ids), completion_tokens=r.generated,
@@ -413,7 +415,8 @@ class NativeEngine:
                         preprocess_ms=p.preprocess_ms,
                         prefill_ms=(r.t_first - r.t_admit) * 1000,
                         decode_ms=(end - r.t_first) * 1000)
-        self._end(r.stream, Finished(reason, r.text.text, usage, timing, tuple(p.adjustments)))
+        self._end(r.stream, Finished(reason, r.text.text, usage, timing, tuple(p.adjustments),
+                                     r.text.stopped_by))
 
     def _watch(self) -> None:
         """The watchdog: a step over its limit wedges the engine for good (see settings)."""

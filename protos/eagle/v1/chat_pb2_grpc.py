@@ -42,13 +42,13 @@ class ChatServiceStub:
                 _registered_method=True)
         self.StreamChat = channel.unary_stream(
                 '/eagle.v1.ChatService/StreamChat',
-                request_serializer=eagle_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
-                response_deserializer=eagle_dot_v1_dot_chat__pb2.ChatChunk.FromString,
+                request_serializer=eagle_dot_v1_dot_chat__pb2.StreamChatRequest.SerializeToString,
+                response_deserializer=eagle_dot_v1_dot_chat__pb2.StreamChatResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/eagle.v1.ChatService/GetModelInfo',
                 request_serializer=eagle_dot_v1_dot_chat__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=eagle_dot_v1_dot_chat__pb2.ModelInfo.FromString,
+                response_deserializer=eagle_dot_v1_dot_chat__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -64,9 +64,9 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamChat(self, request, context):
-        """StreamChat streams the reply as text deltas. Every chunk but the last carries
-        text only; the last carries finish_reason, usage and timing (and may carry
-        the final piece of text). Joining the deltas gives exactly Chat's text.
+        """StreamChat streams the reply as text deltas. Every message but the last
+        carries text only; the last carries finish_reason, usage and timing (and may
+        carry the final piece of text). Joining the deltas gives exactly Chat's text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,13 +89,13 @@ def add_ChatServiceServicer_to_server(servicer, server):
             ),
             'StreamChat': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamChat,
-                    request_deserializer=eagle_dot_v1_dot_chat__pb2.ChatRequest.FromString,
-                    response_serializer=eagle_dot_v1_dot_chat__pb2.ChatChunk.SerializeToString,
+                    request_deserializer=eagle_dot_v1_dot_chat__pb2.StreamChatRequest.FromString,
+                    response_serializer=eagle_dot_v1_dot_chat__pb2.StreamChatResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=eagle_dot_v1_dot_chat__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=eagle_dot_v1_dot_chat__pb2.ModelInfo.SerializeToString,
+                    response_serializer=eagle_dot_v1_dot_chat__pb2.GetModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -151,8 +151,8 @@ class ChatService:
             request,
             target,
             '/eagle.v1.ChatService/StreamChat',
-            eagle_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
-            eagle_dot_v1_dot_chat__pb2.ChatChunk.FromString,
+            eagle_dot_v1_dot_chat__pb2.StreamChatRequest.SerializeToString,
+            eagle_dot_v1_dot_chat__pb2.StreamChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -179,7 +179,7 @@ class ChatService:
             target,
             '/eagle.v1.ChatService/GetModelInfo',
             eagle_dot_v1_dot_chat__pb2.GetModelInfoRequest.SerializeToString,
-            eagle_dot_v1_dot_chat__pb2.ModelInfo.FromString,
+            eagle_dot_v1_dot_chat__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
