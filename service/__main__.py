@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from service import logs
@@ -23,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     from service.engine.job import ModelLoadError
     from service.engine_process import EngineProcess, build_engine
     from service.server import serve
+    from service.tracing import Tracing
+
+    try:  # before the model loads: a tracing setup that cannot work fails fast
+        tracing = Tracing.from_env(os.environ)
+    except (ValueError, ImportError) as exc:
+        log.error("cannot set up tracing from the OTEL_* variables: %s", exc)
+        return 2
 
     try:
         engine = EngineProcess(s) if s.engine_process else build_engine(s)
@@ -33,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch calls, and with Python's default 5 ms GIL switch interval the event loop that
     # answers RPCs waits behind it; 0.5 ms measured better for latency and throughput.
     sys.setswitchinterval(s.gil_switch_ms / 1000)
-    return asyncio.run(serve(s, engine))
+    return asyncio.run(serve(s, engine, tracing=tracing))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 from eagle.v1 import chat_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
 from service.converters import Limits
@@ -19,6 +18,7 @@ from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingPa
 from service.interceptors import AuthInterceptor
 from service.ledger import Ledger
 from service.metrics import Metrics
+from service.reflection import add_reflection
 from service.runtime import trim_malloc
 from service.servicer import ChatServicer, ServingState, Undecodable
 from service.settings import Settings
@@ -69,8 +69,10 @@ def server_options(s: Settings) -> list[tuple[str, int]]:
 class EagleServer:
     """The grpc.aio server with the chat service, health and reflection over one engine."""
 
-    def __init__(self, settings: Settings, engine, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, engine, metrics: Metrics | None = None,
+                 tracing=None) -> None:
         self.settings = settings
+        self.tracing = tracing  # service.tracing.Tracing, or None when tracing is off
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.metrics.bind_engine(engine)
@@ -79,7 +81,9 @@ class EagleServer:
         self._monitor: asyncio.Task | None = None
         self._trimmer: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
-        interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+        interceptors = [tracing.interceptor()] if tracing is not None else []
+        if settings.auth_token:  # after tracing: a refused call is traced too
+            interceptors.append(AuthInterceptor(settings.auth_token))
         rpcs = settings.max_concurrent_rpcs or settings.max_running + settings.max_queue + 64
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings),
                                       maximum_concurrent_rpcs=rpcs)
@@ -87,11 +91,10 @@ class EagleServer:
         self.ledger = Ledger(settings.ledger_file) if settings.ledger_file else None
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
                                      {"max_request_bytes": settings.max_request_bytes},
-                                     settings.default_deadline_s, self.ledger)
+                                     settings.default_deadline_s, self.ledger, tracing)
         self.server.add_generic_rpc_handlers((chat_handlers(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        add_reflection(self.server, (SERVICE, health.SERVICE_NAME))
         self.port = self._bind()
 
     def _bind(self) -> int:
@@ -150,6 +153,8 @@ class EagleServer:
         await asyncio.to_thread(self.engine.drain, 0)
         if self.ledger is not None:
             self.ledger.close()
+        if self.tracing is not None:  # export what is still buffered
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("stopped")
 
 
@@ -164,9 +169,10 @@ def warm_up(engine) -> None:
         pass
 
 
-async def serve(settings: Settings, engine, metrics: Metrics | None = None) -> int:
+async def serve(settings: Settings, engine, metrics: Metrics | None = None,
+                tracing=None) -> int:
     """Run until SIGTERM or SIGINT, then drain within the grace period; returns the exit code."""
-    app = EagleServer(settings, engine, metrics)
+    app = EagleServer(settings, engine, metrics, tracing)
     if settings.metrics_port:
         app.metrics.serve(settings.metrics_host, settings.metrics_port)
     stop = asyncio.Event()

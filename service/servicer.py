@@ -11,13 +11,14 @@ import grpc
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 
 from service import __version__, converters, logs
-from service.engine.job import Delta, Finished, Unavailable
+from service.engine.job import Delta, Finished, Trace, Unavailable
 from service.errors import RequestError, classify, rich_status
 from service.ledger import NoLedger
 from service.metrics import Metrics
 
 if TYPE_CHECKING:  # the server process does not import torch when the engine is a child
     from service.engine.interface import Engine
+    from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class _Call:
         self.first = 0.0
         self.done: Finished | None = None
         self._token = None
+        self.span = owner.tracing.current_span() if owner.tracing is not None else None
 
     def submit(self, request: converters.AnyChatRequest | Undecodable):
         self.owner.metrics.active.inc()
@@ -85,8 +87,14 @@ class _Call:
         if remaining is None:  # no deadline from the client: the server's default applies
             remaining = self.owner.default_deadline_s
         job = converters.to_job(request, self.owner.limits, self.rid, remaining)
+        if self.span is not None and self.span.is_recording():
+            self.span.set_attribute("eagle.request_id", self.rid)
+            job.traced = True
         self.stream = self.owner.engine.submit(job)
         return self.stream
+
+    def traced(self, event: Trace) -> None:
+        self.owner.tracing.record(self.span, event.stages)
 
     def saw_text(self) -> None:
         if not self.first:
@@ -99,6 +107,12 @@ class _Call:
         m.prompt_tokens.inc(done.usage.prompt_tokens)
         m.completion_tokens.inc(done.usage.completion_tokens)
         m.vision_tiles.inc(done.usage.image_tiles + done.usage.video_frames)
+        if self.span is not None:
+            u = done.usage
+            self.span.set_attributes({
+                "eagle.finish_reason": done.reason.value, "eagle.prompt_tokens": u.prompt_tokens,
+                "eagle.completion_tokens": u.completion_tokens, "eagle.image_tiles": u.image_tiles,
+                "eagle.video_frames": u.video_frames, "eagle.cached_tiles": u.cached_tiles})
 
     async def fail(self, exc: Exception) -> None:
         code, message, field = classify(exc)
@@ -106,6 +120,8 @@ class _Call:
         retry = 1000 if code in (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  grpc.StatusCode.UNAVAILABLE) else 0
         extra = ((REQUEST_ID_KEY, self.rid),) if self.rid else ()
+        if self.span is not None:  # abort_with_status bypasses the instrumentation's context
+            self.owner.tracing.failed(self.span, code, message)
         await self.context.abort_with_status(rich_status(code, message, field, retry, extra))
 
     def close(self) -> None:
@@ -134,8 +150,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     def __init__(self, engine: Engine, limits: converters.Limits, metrics: Metrics,
                  state: ServingState, info: dict[str, int],
-                 default_deadline_s: float = 600.0, ledger=None) -> None:
+                 default_deadline_s: float = 600.0, ledger=None,
+                 tracing: Tracing | None = None) -> None:
         self.engine, self.limits, self.metrics, self.state = engine, limits, metrics, state
+        self.tracing = tracing
         self.info = info
         self.default_deadline_s = default_deadline_s
         self.ledger = ledger or NoLedger()
@@ -150,7 +168,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if isinstance(event, Finished):
                     call.finished(event)
                     return converters.to_response(call.rid, event)
-                call.saw_text()
+                if isinstance(event, Trace):
+                    call.traced(event)
+                else:
+                    call.saw_text()
             raise RuntimeError("the engine ended a job without a final event")
         except Exception as exc:  # mapped once, in service.errors
             await call.fail(exc)
@@ -166,6 +187,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if isinstance(event, Delta):
                     call.saw_text()
                     yield converters.delta_chunk(call.rid, event.text)
+                elif isinstance(event, Trace):
+                    call.traced(event)
                 else:
                     call.finished(event)
                     yield converters.final_chunk(call.rid, event)

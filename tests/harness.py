@@ -12,7 +12,8 @@ from service.settings import Settings
 class RunningServer:
     """An EagleServer started on its own loop thread; `port`, `app`, `call(coro)`, `stop()`."""
 
-    def __init__(self, engine, **overrides) -> None:
+    def __init__(self, engine, tracing=None, **overrides) -> None:
+        self.tracing = tracing
         self.settings = replace(Settings(host="127.0.0.1", port=0, grace_seconds=2,
                                          log_format="text"), **overrides)
         self.loop = asyncio.new_event_loop()
@@ -23,7 +24,7 @@ class RunningServer:
         self.target = f"127.0.0.1:{self.port}"
 
     async def _build(self, engine) -> EagleServer:
-        app = EagleServer(self.settings, engine)
+        app = EagleServer(self.settings, engine, tracing=self.tracing)
         await app.start()
         return app
 

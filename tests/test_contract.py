@@ -9,7 +9,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 BASELINE = "protos/eagle/v1/baseline.binpb"

@@ -52,13 +52,16 @@ def _wait_serving(target: str, proc: subprocess.Popen, limit: float = 120) -> No
     raise AssertionError("server did not become SERVING")
 
 
-def serve(tiny_dir, *flags: str) -> tuple[subprocess.Popen, str]:
-    """`python -m service` on a free port with the tiny model, JSON logs on its stderr."""
+def serve(tiny_dir, *flags: str, env: dict[str, str] | None = None
+          ) -> tuple[subprocess.Popen, str]:
+    """`python -m service` on a free port with the tiny model, JSON logs on its stderr;
+    `env` adds variables to this process's environment."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--cache-dir",
          str(tiny_dir.parent), "--log-format", "json", *flags],
-        env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        env={**_env(), **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True)
     return proc, f"127.0.0.1:{port}"
 
 

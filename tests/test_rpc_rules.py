@@ -147,10 +147,14 @@ def test_concurrent_rpc_cap_sheds_load_at_once(tiny) -> None:
 
 def test_keepalive_pings_too_often_get_goaway_agreed_ones_survive(tiny) -> None:
     engine = make_engine(tiny, max_running=1, max_queue=4)
+    # measured: the GOAWAY comes ~2 s in, whatever ping interval the client asks for; the
+    # busy stream must outlast that (4000 tokens took ~2.2 s here: a race that failed often)
     with RunningServer(engine, min_ping_interval_ms=1000, max_ping_strikes=1,
-                       keepalive_time_ms=300, keepalive_timeout_ms=5000) as srv:
+                       keepalive_time_ms=300, keepalive_timeout_ms=5000,
+                       max_new_tokens=16000) as srv:
         good = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(srv.target))
-        busy = good.StreamChat(request(message=chat_pb2.StreamChatRequest, max_new_tokens=4000, ignore_eos=True), timeout=60)
+        busy = good.StreamChat(request(message=chat_pb2.StreamChatRequest,
+                                       max_new_tokens=16000, ignore_eos=True), timeout=60)
         next(busy)  # the engine is busy: the next call waits in the queue, no data flowing
         rude = grpc.insecure_channel(srv.target, options=[
             ("grpc.keepalive_time_ms", 50), ("grpc.keepalive_permit_without_calls", 1),

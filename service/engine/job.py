@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -84,9 +86,43 @@ class ChatJob:
     vision: VisionParams = field(default_factory=VisionParams)
     deadline: float | None = None  # time.monotonic() seconds
     created: float = field(default_factory=time.monotonic)
+    traced: bool = False  # record Stages for the request's trace
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A timed step of one job, for its trace. Wall-clock nanoseconds (time.time_ns), which
+    the engine process and the server process share; `parent` names the enclosing stage."""
+
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: tuple[tuple[str, object], ...] = ()
+    parent: str = ""
+    error: str = ""  # the exception's type when the step failed
+
+
+@contextmanager
+def timed(stages: list[Stage] | None, name: str, parent: str = "",
+          **attributes: object) -> Iterator[dict[str, object]]:
+    """Record the enclosed block as a Stage in `stages` (nothing when None). The yielded
+    dict takes attributes known only inside the block; a failure is recorded and re-raised."""
+    if stages is None:
+        yield {}
+        return
+    extra: dict[str, object] = {}
+    start, error = time.time_ns(), ""
+    try:
+        yield extra
+    except BaseException as exc:
+        error = type(exc).__name__
+        raise
+    finally:
+        stages.append(Stage(name, start, time.time_ns(),
+                            tuple({**attributes, **extra}.items()), parent, error))
 
 
 class FinishReason(str, Enum):
@@ -132,7 +168,14 @@ class Finished:
     stop_sequence: str = ""  # the stop string that ended the reply (STOP_SEQUENCE)
 
 
-Event = Delta | Finished
+@dataclass(frozen=True)
+class Trace:
+    """The stages of a traced job, sent just before its last event (Finished or an error)."""
+
+    stages: tuple[Stage, ...]
+
+
+Event = Delta | Finished | Trace
 
 
 @dataclass(frozen=True)

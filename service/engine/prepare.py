@@ -16,7 +16,7 @@ from preprocess import refs, tiler
 from preprocess.errors import ContextOverflow, PreprocessError
 from preprocess.media import ImagePolicy, OpenedImage, open_image
 from service.engine import prompt as pr
-from service.engine.job import ChatJob, ImagePart, VideoPart
+from service.engine.job import ChatJob, ImagePart, Stage, VideoPart, timed
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Prepared:
     video_frames: int
     adjustments: list[str]
     preprocess_ms: float
+    ready_ns: int = 0  # wall clock when it joined the queue, for the trace
 
 
 class Preparer:
@@ -68,7 +69,18 @@ class Preparer:
         worst = "Frame 9999 sampled at 99999.99 seconds: \n"
         self.frame_line_tokens = len(tokenizer(worst, add_special_tokens=False)["input_ids"]) + 2
 
-    def __call__(self, job: ChatJob) -> Prepared:
+    def __call__(self, job: ChatJob, stages: list[Stage] | None = None) -> Prepared:
+        """The job's prompt ids and vision groups. With `stages`, each image's decode and
+        tiling and each video's decode are recorded there, inside one eagle.preprocess."""
+        with timed(stages, "eagle.preprocess") as attrs:
+            prepared = self._prepare(job, stages)
+            attrs.update({"eagle.image_tiles": prepared.image_tiles,
+                          "eagle.video_frames": prepared.video_frames,
+                          "eagle.prompt_tokens": len(prepared.ids),
+                          "eagle.adjusted": bool(prepared.adjustments)})
+        return prepared
+
+    def _prepare(self, job: ChatJob, stages: list[Stage] | None) -> Prepared:
         start = time.perf_counter()
         with ExitStack() as stack:
             images = [p for m in job.messages for p in m.parts if isinstance(p, ImagePart)]
@@ -96,9 +108,10 @@ class Preparer:
             except ContextOverflow as exc:
                 exc.field = "messages"
                 raise
-            decoded = [self._decode_video(k, p, src, n, job.deadline) for k, (p, src, n)
+            decoded = [self._decode_video(k, p, src, n, job.deadline, stages) for k, (p, src, n)
                        in enumerate(zip(videos, sources, plan.video_frames))]
-            per_image = [self._tile(o, c, p) for o, c, p in zip(opened, plan.tile_caps, images)]
+            per_image = [self._tile(o, c, p, stages)
+                         for o, c, p in zip(opened, plan.tile_caps, images)]
         segments = pr.conversation(job.messages, [d.timestamps for d in decoded],
                                    timestamps=job.vision.frame_timestamps)
         counts = [t.shape[0] for t in per_image]
@@ -124,12 +137,14 @@ class Preparer:
                         (time.perf_counter() - start) * 1000)
 
     def _decode_video(self, k: int, part: VideoPart, source: str | bytes, frames: int,
-                      deadline: float | None) -> vid.DecodedVideo:
+                      deadline: float | None, stages: list[Stage] | None) -> vid.DecodedVideo:
         extra = {} if self.decode_video is vid.decode_video else {"deadline": deadline}
-        return _labelled(part, lambda: self.decode_video(
-            source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
-            size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}",
-            **extra))
+        with timed(stages, "eagle.media.decode", "eagle.preprocess", **{
+                "eagle.media": f"video {k + 1}", "eagle.frames": frames}):
+            return _labelled(part, lambda: self.decode_video(
+                source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
+                size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}",
+                **extra))
 
     def _open_image(self, part: ImagePart, k: int, stack: ExitStack) -> OpenedImage:
         label = f"image {k + 1}"
@@ -153,12 +168,20 @@ class Preparer:
             exc.field = exc.field or field
             raise
 
-    def _tile(self, opened: OpenedImage, cap: int, part: ImagePart) -> np.ndarray:
+    def _tile(self, opened: OpenedImage, cap: int, part: ImagePart,
+              stages: list[Stage] | None) -> np.ndarray:
         cols, rows = tiler.choose_grid(*opened.size, max_tiles=cap, tile_size=self.cfg.image_size)
         size = self.cfg.image_size
-        image = _labelled(part, lambda: opened.load(min_size=(cols * size, rows * size)))
-        return tiler.split_tiles(image, max_tiles=cap, tile_size=size,
-                                 use_thumbnail=self.cfg.use_thumbnail)
+        media = {"eagle.media": opened.label}
+        with timed(stages, "eagle.media.decode", "eagle.preprocess", **media,
+                   **{"eagle.format": opened.format, "eagle.width": opened.size[0],
+                      "eagle.height": opened.size[1]}):
+            image = _labelled(part, lambda: opened.load(min_size=(cols * size, rows * size)))
+        with timed(stages, "eagle.tiling", "eagle.preprocess", **media) as attrs:
+            tiles = tiler.split_tiles(image, max_tiles=cap, tile_size=size,
+                                      use_thumbnail=self.cfg.use_thumbnail)
+            attrs["eagle.tiles"] = tiles.shape[0]
+        return tiles
 
 
 def _content_key(source: str | bytes) -> str:

@@ -24,7 +24,9 @@ from service.engine.job import (
     Finished,
     FinishReason,
     OutOfMemory,
+    Stage,
     Timing,
+    Trace,
     Unavailable,
     Usage,
     check_admission,
@@ -59,6 +61,7 @@ class _Running:
     t_submit: float = 0.0
     t_admit: float = 0.0
     t_first: float = 0.0
+    first_ns: int = 0  # wall clock of the first token, for the trace
     finished: bool = field(default=False)
 
 
@@ -188,7 +191,7 @@ class NativeEngine:
                 raise Cancelled("cancelled by the client")
             if stream.job.expired():
                 raise DeadlineExceeded("the deadline passed while the request was queued")
-            prepared = self.prepare(stream.job)
+            prepared = self.prepare(stream.job, stream.stages)
         except (PreprocessError, EngineError) as exc:
             self._end(stream, exc)
             return
@@ -196,6 +199,7 @@ class NativeEngine:
             log.exception("preparing %s failed", stream.job.request_id)
             self._end(stream, EngineError(f"internal error while preparing media: {exc}"))
             return
+        prepared.ready_ns = time.time_ns()
         with self._cv:
             self._waiting.append((stream, prepared, t_submit))
             self._cv.notify()
@@ -254,9 +258,11 @@ class NativeEngine:
             torch.set_num_threads(self._cpu_threads if many else self._few_threads)
 
     def _prefill(self, admitted: list[tuple[JobStream, Prepared, float]]) -> None:
-        now = time.monotonic()
+        now, now_ns = time.monotonic(), time.time_ns()
         live = []
         for stream, prep, t_submit in admitted:
+            if stream.stages is not None:
+                stream.stages.append(Stage("eagle.queue", prep.ready_ns, now_ns))
             if self._drop_if_gone(stream):
                 continue
             live.append((stream, prep, t_submit))
@@ -267,6 +273,12 @@ class NativeEngine:
             for stream, _, _ in live:
                 self._end(stream, _as_engine_error(exc))
             return
+        done_ns = time.time_ns()
+        for (stream, prep, _), (_, cached) in zip(live, vision):
+            if stream.stages is not None and prep.groups:  # the admission's tiles, together
+                stream.stages.append(Stage("eagle.vision", now_ns, done_ns, (
+                    ("eagle.tiles", prep.image_tiles + prep.video_frames),
+                    ("eagle.cached_tiles", cached), ("eagle.batch_jobs", len(live)))))
         ready: list[tuple[_Running, torch.Tensor]] = []
         for (stream, prep, t_submit), (feats, cached) in zip(live, vision):
             try:
@@ -316,6 +328,7 @@ class NativeEngine:
                 self._prefill_pack([item], many)
             return
         base = len(self._running)
+        start_ns = time.time_ns()
         try:
             logits = self.decoder.prefill_many([(e, base + j) for j, (_, e) in enumerate(pack)])
         except torch.OutOfMemoryError:
@@ -330,9 +343,12 @@ class NativeEngine:
             for run, _ in pack:
                 self._end(run.stream, _as_engine_error(exc))
             return
-        t_first = time.monotonic()
+        t_first, first_ns = time.monotonic(), time.time_ns()
         for j, (run, _) in enumerate(pack):
-            run.t_first = t_first
+            run.t_first, run.first_ns = t_first, first_ns
+            if run.stream.stages is not None:
+                run.stream.stages.append(Stage("eagle.prefill", start_ns, first_ns, (
+                    ("eagle.prompt_tokens", run.length), ("eagle.packed_prompts", len(pack)))))
             self._running.append(run)  # row base + j, where its keys were written
             try:
                 self._accept(run, run.sampler(logits[j], run.seen))
@@ -407,6 +423,9 @@ class NativeEngine:
             reason = FinishReason.STOP_SEQUENCE
         end = time.monotonic()
         p = r.prep
+        if r.stream.stages is not None:
+            r.stream.stages.append(Stage("eagle.decode", r.first_ns, time.time_ns(), (
+                ("eagle.completion_tokens", r.generated), ("eagle.finish_reason", reason.value))))
         usage = Usage(prompt_tokens=len(p.ids), completion_tokens=r.generated,
                       vision_tokens=self.lm.cfg.patch_tokens * (p.image_tiles + p.video_frames),
                       image_tiles=p.image_tiles, video_frames=p.video_frames,
@@ -498,6 +517,8 @@ class NativeEngine:
                 return
             self._in_flight -= 1
         outbox = self._outbox if threading.current_thread() is self._thread else None
+        if stream.stages is not None:
+            stream.push(Trace(tuple(stream.stages)), outbox)
         if isinstance(outcome, Finished):
             stream.finish(outcome, outbox)
         else:

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from service.engine.job import ChatJob, Delta, Event, Finished
+from service.engine.job import ChatJob, Delta, Event, Finished, Stage
 
 END = object()  # the last item of every stream
 Sink = Callable[[list[tuple[object, object]]], None]
@@ -25,6 +25,8 @@ class JobStream:
         self.job = job
         self.sink, self.key = sink, key
         self.cancelled = threading.Event()
+        # the job's timed steps, filled by the media threads and the engine thread
+        self.stages: list[Stage] | None = [] if job.traced else None
         self._loop: asyncio.AbstractEventLoop | None = None
         if sink is not None:
             self.done = threading.Event()
