@@ -63,29 +63,22 @@ def test_a_planted_lint_violation_fails_with_bufs_message(buf, copy) -> None:
         'Enum value name "TOOL" should be prefixed with "ROLE_".')
 
 
-def test_a_removed_field_fails_breaking_with_bufs_message(buf, copy) -> None:
-    edit(copy, "  // Keep only the top_k most likely tokens. 0: no limit.\n  uint32 top_k = 4;\n",
-         "")
+@pytest.mark.parametrize("old,new,message", [
+    ("  // Keep only the top_k most likely tokens. 0: no limit.\n  uint32 top_k = 4;\n", "",
+     'Previously present field "4" with name "top_k" on message "GenerationConfig" was '
+     'deleted.'),
+    ("  bool ignore_eos = 8;", "  bool ignore_eos = 9;",
+     'Previously present field "8" with name "ignore_eos" on message "GenerationConfig" was '
+     'deleted.'),
+    ("  FINISH_REASON_LENGTH = 2;", "  FINISH_REASON_MAX_TOKENS = 2;",
+     'Enum value "2" on enum "FinishReason" changed name from "FINISH_REASON_LENGTH" to '
+     '"FINISH_REASON_MAX_TOKENS".'),
+], ids=["removed field", "renumbered field", "renamed enum value"])
+def test_a_breaking_change_fails_with_bufs_message(buf, copy, old, new, message) -> None:
+    edit(copy, old, new)
     result = run(buf, "breaking", "--against", BASELINE, cwd=copy)
     assert result.returncode == 100
-    assert ('Previously present field "4" with name "top_k" on message "GenerationConfig" '
-            'was deleted.') in result.stdout
-
-
-def test_a_renumbered_field_fails_breaking(buf, copy) -> None:
-    edit(copy, "  bool ignore_eos = 8;", "  bool ignore_eos = 9;")
-    result = run(buf, "breaking", "--against", BASELINE, cwd=copy)
-    assert result.returncode == 100
-    assert ('Previously present field "8" with name "ignore_eos" on message '
-            '"GenerationConfig" was deleted.') in result.stdout
-
-
-def test_a_renamed_enum_value_fails_breaking(buf, copy) -> None:
-    edit(copy, "  FINISH_REASON_LENGTH = 2;", "  FINISH_REASON_MAX_TOKENS = 2;")
-    result = run(buf, "breaking", "--against", BASELINE, cwd=copy)
-    assert result.returncode == 100
-    assert 'Enum value "2" on enum "FinishReason" changed name from "FINISH_REASON_LENGTH" ' \
-           'to "FINISH_REASON_MAX_TOKENS".' in result.stdout
+    assert message in result.stdout
 
 
 def test_an_added_field_is_not_breaking(buf, copy) -> None:
