@@ -123,13 +123,26 @@ class ChatResult:
     timing: chat_pb2.Timing
     adjustments: list[str] = field(default_factory=list)
     stop_sequence: str = ""  # the stop string that ended the reply, if one did
+    # per generated token, when asked for (logprobs=True or top_logprobs=n)
+    logprobs: list[chat_pb2.TokenLogprob] = field(default_factory=list)
+    # the reply parsed as the pydantic model given as json_schema (None if it was cut short)
+    parsed: Any = None
 
     @classmethod
     def from_response(cls, r: chat_pb2.ChatResponse | chat_pb2.StreamChatResponse,
-                      text: str | None = None) -> ChatResult:
+                      text: str | None = None,
+                      logprobs: list[chat_pb2.TokenLogprob] | None = None) -> ChatResult:
         return cls(r.request_id, r.text if text is None else text,
                    finish_reason_name(r.finish_reason), r.usage, r.timing,
-                   list(r.adjustments), r.stop_sequence)
+                   list(r.adjustments), r.stop_sequence,
+                   list(r.logprobs) if logprobs is None else logprobs)
+
+    def parse_as(self, model: Any) -> ChatResult:
+        """Fill `parsed` with the text validated by `model` (a pydantic model class), when
+        the format was completed (finish_reason "stop")."""
+        if model is not None and self.finish_reason == "stop":
+            self.parsed = model.model_validate_json(self.text)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict
@@ -140,7 +153,9 @@ class ChatResult:
                                        preserving_proto_field_name=True),
                 "timing": MessageToDict(self.timing, always_print_fields_with_no_presence=True,
                                         preserving_proto_field_name=True),
-                "adjustments": self.adjustments}
+                "adjustments": self.adjustments,
+                **({"logprobs": [MessageToDict(t, preserving_proto_field_name=True)
+                                 for t in self.logprobs]} if self.logprobs else {})}
 
 
 def finish_reason_name(value: int) -> str:
@@ -191,6 +206,38 @@ def _video(v: VideoLike) -> chat_pb2.Video:
                     f"{type(v).__name__}")
 
 
+def schema_model(json_schema: Any) -> Any:
+    """The pydantic model class given as a json_schema, or None."""
+    return json_schema if isinstance(json_schema, type) and hasattr(
+        json_schema, "model_json_schema") else None
+
+
+def _set_format(g: chat_pb2.GenerationConfig, json_schema: Any, strict: bool, json_object: bool,
+                regex: str | None, choice: Sequence[str] | None, lark: str | None,
+                gbnf: str | None) -> None:
+    given = [name for name, value in (("json_schema", json_schema), ("json_object", json_object),
+                                      ("regex", regex), ("choice", choice), ("lark", lark),
+                                      ("gbnf", gbnf)) if value not in (None, False)]
+    if len(given) > 1:
+        raise ValueError(f"give at most one response format, not {' and '.join(given)}")
+    if json_schema is not None:
+        model = schema_model(json_schema)
+        if model is not None:
+            json_schema = model.model_json_schema()
+        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        g.json_schema.schema, g.json_schema.strict = text, strict
+    elif json_object:
+        g.json_object.SetInParent()
+    elif regex is not None:
+        g.regex = regex
+    elif choice is not None:
+        g.choice.choices.extend(choice)
+    elif lark is not None:
+        g.grammar.lark = lark
+    elif gbnf is not None:
+        g.grammar.gbnf = gbnf
+
+
 def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
                   videos: Sequence[VideoLike] = (), system: str | None = None,
                   history: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None,
@@ -199,10 +246,18 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
                   seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                   max_tiles_per_image: int | None = None, max_video_frames: int | None = None,
                   frame_timestamps: bool | None = None, request_id: str = "",
+                  json_schema: Any = None, strict: bool = True, json_object: bool = False,
+                  regex: str | None = None, choice: Sequence[str] | None = None,
+                  lark: str | None = None, gbnf: str | None = None, logprobs: bool = False,
+                  top_logprobs: int = 0,
                   message: type[AnyChatRequest] = chat_pb2.ChatRequest) -> AnyChatRequest:
     """A ChatRequest (or, with `message`, a StreamChatRequest: the same fields): optional
     system, (user, assistant) history pairs, then the new user message with its images,
-    videos and text in that order (as the upstream worker orders)."""
+    videos and text in that order (as the upstream worker orders).
+
+    At most one response format: `json_schema` (a dict, JSON text, or a pydantic model
+    class; `strict`: unsupported keywords are an error rather than ignored), `json_object`,
+    `regex`, `choice` (a list of strings), or a grammar (`lark` or `gbnf`)."""
     req = message(request_id=request_id)
     if system is not None:
         req.messages.add(role=chat_pb2.ROLE_SYSTEM).parts.add(text=system)
@@ -231,6 +286,9 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
         g.seed = seed
     g.stop.extend(stop)
     g.ignore_eos = ignore_eos
+    _set_format(g, json_schema, strict, json_object, regex, choice, lark, gbnf)
+    g.logprobs = logprobs
+    g.top_logprobs = top_logprobs
     if max_tiles_per_image is not None:
         req.vision.max_tiles_per_image = max_tiles_per_image
     if max_video_frames is not None:

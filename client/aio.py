@@ -16,25 +16,30 @@ from client._common import (
     build_request,
     metadata,
     open_channel,
+    schema_model,
 )
 
 
 class AsyncChatStream:
     """`async for` the text deltas; `result` holds the final ChatResult afterwards."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, model: Any = None) -> None:
         self._call = call
+        self._model = model  # a pydantic model given as json_schema: result.parsed
         self._parts: list[str] = []
+        self._logprobs: list = []
         self.result: ChatResult | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
             async for chunk in self._call:
+                self._logprobs.extend(chunk.logprobs)
                 if chunk.text:
                     self._parts.append(chunk.text)
                     yield chunk.text
                 if chunk.finish_reason:
-                    self.result = ChatResult.from_response(chunk, "".join(self._parts))
+                    self.result = ChatResult.from_response(
+                        chunk, "".join(self._parts), self._logprobs).parse_as(self._model)
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, await self._call.trailing_metadata()) from None
 
@@ -62,7 +67,8 @@ class AsyncEagleClient:
         call = self._stub.Chat(build_request(text, **kwargs), timeout=timeout or self.timeout,
                                metadata=self._metadata)
         try:
-            return ChatResult.from_response(await call)
+            return ChatResult.from_response(await call).parse_as(
+                schema_model(kwargs.get("json_schema")))
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, await call.trailing_metadata()) from None
 
@@ -72,7 +78,7 @@ class AsyncEagleClient:
         call = self._stub.StreamChat(build_request(text, message=chat_pb2.StreamChatRequest,
                                                    **kwargs),
                                      timeout=timeout or self.timeout, metadata=self._metadata)
-        return AsyncChatStream(call)
+        return AsyncChatStream(call, schema_model(kwargs.get("json_schema")))
 
     async def model_info(self, timeout: float | None = None) -> chat_pb2.GetModelInfoResponse:
         call = self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),

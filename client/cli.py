@@ -24,6 +24,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE",
+                     help="constrain the reply to this JSON Schema (a .json file)")
+    fmt.add_argument("--json-object", action="store_true", help="constrain the reply to a JSON "
+                                                               "object")
+    fmt.add_argument("--choice", metavar="A,B,...", help="the reply is exactly one of these")
+    fmt.add_argument("--regex", help="the reply matches this regular expression in full")
+    fmt.add_argument("--lark", metavar="FILE", help="constrain the reply to a Lark grammar")
+    fmt.add_argument("--gbnf", metavar="FILE", help="constrain the reply to a GBNF grammar")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="return each token's log probability and the N most likely "
+                        "alternatives (0-20); shown with --json")
     p.add_argument("--server", default=os.environ.get("EAGLE_SERVER", "127.0.0.1:50051"))
     p.add_argument("--token", default=os.environ.get("EAGLE_TOKEN"),
                    help="bearer token (or EAGLE_TOKEN)")
@@ -39,6 +51,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format(args: argparse.Namespace) -> dict[str, object]:
+    """The response format and logprobs arguments of the request."""
+    out: dict[str, object] = {}
+    if args.json_schema:
+        with open(args.json_schema, encoding="utf-8") as f:
+            out["json_schema"] = f.read()
+    elif args.json_object:
+        out["json_object"] = True
+    elif args.choice:
+        out["choice"] = [c for c in args.choice.split(",") if c]
+    elif args.regex:
+        out["regex"] = args.regex
+    for kind in ("lark", "gbnf"):
+        if getattr(args, kind):
+            with open(getattr(args, kind), encoding="utf-8") as f:
+                out[kind] = f.read()
+    if args.logprobs is not None:
+        out.update(logprobs=True, top_logprobs=args.logprobs)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     videos = [Video(uri=v, num_frames=args.frames or 0) for v in args.video]
@@ -49,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_new_tokens=args.max_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, stop=args.stop)
     try:
+        request.update(_format(args))
         with EagleClient(args.server, token=args.token, tls=args.tls, root_certificates=args.ca,
                          client_cert=args.cert, client_key=args.key,
                          timeout=args.timeout) as client:

@@ -16,6 +16,7 @@ from client._common import (
     build_request,
     metadata,
     open_channel,
+    schema_model,
 )
 
 
@@ -25,19 +26,23 @@ class ChatStream:
     `cancel()` stops generation on the server at its next step.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, model: Any = None) -> None:
         self._call = call
+        self._model = model  # a pydantic model given as json_schema: result.parsed
         self._parts: list[str] = []
+        self._logprobs: list = []
         self.result: ChatResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         try:
             for chunk in self._call:
+                self._logprobs.extend(chunk.logprobs)
                 if chunk.text:
                     self._parts.append(chunk.text)
                     yield chunk.text
                 if chunk.finish_reason:
-                    self.result = ChatResult.from_response(chunk, "".join(self._parts))
+                    self.result = ChatResult.from_response(
+                        chunk, "".join(self._parts), self._logprobs).parse_as(self._model)
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, err.trailing_metadata()) from None
 
@@ -66,13 +71,15 @@ class EagleClient:
     def chat(self, text: str = "", *, timeout: float | None = None, **kwargs: Any) -> ChatResult:
         """One reply, whole. Takes the arguments of `build_request` (images, videos, system,
         history, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
-        max_tiles_per_image, max_video_frames, frame_timestamps, request_id)."""
+        max_tiles_per_image, max_video_frames, frame_timestamps, request_id, and a response
+        format: json_schema (with strict), json_object, regex, choice, lark or gbnf; logprobs,
+        top_logprobs). With a pydantic model as json_schema, `result.parsed` is an instance."""
         req = build_request(text, **kwargs)
         try:
             resp = self._stub.Chat(req, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, err.trailing_metadata()) from None
-        return ChatResult.from_response(resp)
+        return ChatResult.from_response(resp).parse_as(schema_model(kwargs.get("json_schema")))
 
     def stream_chat(self, text: str = "", *, timeout: float | None = None,
                     **kwargs: Any) -> ChatStream:
@@ -80,7 +87,7 @@ class EagleClient:
         req = build_request(text, message=chat_pb2.StreamChatRequest, **kwargs)
         call = self._stub.StreamChat(req, timeout=timeout or self.timeout,
                                      metadata=self._metadata)
-        return ChatStream(call)
+        return ChatStream(call, schema_model(kwargs.get("json_schema")))
 
     def model_info(self, timeout: float | None = None) -> chat_pb2.GetModelInfoResponse:
         try:

@@ -1,23 +1,28 @@
 """The one place that maps protobuf to domain objects and back, validating every field."""
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 from dataclasses import dataclass
 
 from eagle.v1 import chat_pb2
+from google.protobuf import unknown_fields
 
 from service.engine.job import (
     ChatJob,
     ChatMessage,
+    Delta,
     Finished,
     FinishReason,
     ImagePart,
+    ResponseFormat,
     Role,
     SamplingParams,
     TextPart,
     Timing,
+    TokenLogprob,
     Usage,
     VideoPart,
     VisionParams,
@@ -34,6 +39,9 @@ _FINISH = {FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
 # carry the same fields under the same numbers, so one validation serves both.
 AnyChatRequest = chat_pb2.ChatRequest | chat_pb2.StreamChatRequest
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_TOP_K = 8, 64, 1000
+MAX_TOP_LOGPROBS = 20
+MAX_FORMAT_CHARS = 256 * 1024  # a schema, regex or grammar
+MAX_CHOICES, MAX_CHOICE_CHARS = 1024, 1024
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,11 @@ def _check_source(media: chat_pb2.Image | chat_pb2.Video, kind: str, where: str,
 
 
 def _sampling(g: chat_pb2.GenerationConfig, limits: Limits) -> SamplingParams:
+    unknown = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(g)})
+    if unknown:  # a newer client's setting (a response format, say): never silently ignored
+        raise RequestError("generation", f"field {unknown[0]} is not known to this server "
+                                         f"(a client built from a newer contract?); refusing "
+                                         f"rather than ignoring a generation setting")
     max_new = g.max_new_tokens or limits.default_max_new_tokens
     if max_new > limits.max_new_tokens:
         raise RequestError("generation.max_new_tokens", f"{g.max_new_tokens} is over the "
@@ -213,10 +226,64 @@ def _sampling(g: chat_pb2.GenerationConfig, limits: Limits) -> SamplingParams:
         if not s or len(s) > MAX_STOP_CHARS:
             raise RequestError(f"generation.stop[{k}]", f"must be 1 to {MAX_STOP_CHARS} "
                                                         f"characters, got {len(s)}")
+    if g.top_logprobs > MAX_TOP_LOGPROBS:
+        raise RequestError("generation.top_logprobs", f"{g.top_logprobs} is over the limit of "
+                                                      f"{MAX_TOP_LOGPROBS}")
     return SamplingParams(max_new_tokens=max_new, temperature=float(temperature),
                           top_p=float(top_p), top_k=g.top_k, repetition_penalty=float(penalty),
                           seed=g.seed if g.HasField("seed") else None, stop=tuple(g.stop),
-                          ignore_eos=g.ignore_eos)
+                          ignore_eos=g.ignore_eos, response_format=_response_format(g),
+                          logprobs=g.logprobs or g.top_logprobs > 0,
+                          top_logprobs=g.top_logprobs)
+
+
+def _response_format(g: chat_pb2.GenerationConfig) -> ResponseFormat | None:
+    """The format's kind and text, checked for size and shape; whether the grammar engine
+    accepts it is decided when it is compiled (the engine names the same field)."""
+    kind = g.WhichOneof("response_format")
+    if kind is None:
+        return None
+    where = f"generation.response_format.{kind}"
+    if kind == "json_object":
+        return ResponseFormat("json_object", field=where)
+    if kind == "json_schema":
+        text = g.json_schema.schema
+        _check_format_text(text, f"{where}.schema")
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise RequestError(f"{where}.schema", f"not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise RequestError(f"{where}.schema", f"a JSON Schema must be a JSON object, got "
+                                                  f"{type(schema).__name__}")
+        return ResponseFormat("json_schema", text, g.json_schema.strict, where)
+    if kind == "regex":
+        _check_format_text(g.regex, where)
+        return ResponseFormat("regex", g.regex, field=where)
+    if kind == "choice":
+        choices = list(g.choice.choices)
+        if not 1 <= len(choices) <= MAX_CHOICES:
+            raise RequestError(f"{where}.choices", f"give 1 to {MAX_CHOICES} choices, got "
+                                                   f"{len(choices)}")
+        for k, c in enumerate(choices):
+            if not c or len(c) > MAX_CHOICE_CHARS:
+                raise RequestError(f"{where}.choices[{k}]", f"must be 1 to {MAX_CHOICE_CHARS} "
+                                                            f"characters, got {len(c)}")
+        return ResponseFormat("choice", json.dumps(choices), field=where)
+    syntax = g.grammar.WhichOneof("syntax")
+    if syntax is None:
+        raise RequestError(where, "the grammar has neither lark nor gbnf")
+    text = getattr(g.grammar, syntax)
+    _check_format_text(text, f"{where}.{syntax}")
+    return ResponseFormat(syntax, text, field=f"{where}.{syntax}")
+
+
+def _check_format_text(text: str, where: str) -> None:
+    if not text:
+        raise RequestError(where, "must not be empty")
+    if len(text) > MAX_FORMAT_CHARS:
+        raise RequestError(where, f"{len(text):,} characters, over the limit of "
+                                  f"{MAX_FORMAT_CHARS:,}")
 
 
 def _vision(v: chat_pb2.VisionConfig, limits: Limits) -> VisionParams:
@@ -244,15 +311,28 @@ def timing_pb(t: Timing) -> chat_pb2.Timing:
                            prefill_ms=t.prefill_ms, decode_ms=t.decode_ms)
 
 
-def to_response(rid: str, done: Finished) -> chat_pb2.ChatResponse:
+def logprobs_pb(items: tuple[TokenLogprob, ...] | list[TokenLogprob]
+                ) -> list[chat_pb2.TokenLogprob]:
+    return [chat_pb2.TokenLogprob(
+        token_id=t.token_id, token=t.token_bytes.decode("utf-8", "replace"),
+        token_bytes=t.token_bytes, logprob=t.logprob,
+        top_logprobs=[chat_pb2.TopLogprob(token_id=i, token=b.decode("utf-8", "replace"),
+                                          token_bytes=b, logprob=v) for i, b, v in t.top])
+        for t in items]
+
+
+def to_response(rid: str, done: Finished,
+                logprobs: list[TokenLogprob] = ()) -> chat_pb2.ChatResponse:
     return chat_pb2.ChatResponse(request_id=rid, text=done.text,
                                  finish_reason=_FINISH[done.reason], usage=usage_pb(done.usage),
                                  timing=timing_pb(done.timing), adjustments=done.adjustments,
-                                 stop_sequence=done.stop_sequence)
+                                 stop_sequence=done.stop_sequence,
+                                 logprobs=logprobs_pb(logprobs))
 
 
-def delta_chunk(rid: str, text: str) -> chat_pb2.StreamChatResponse:
-    return chat_pb2.StreamChatResponse(request_id=rid, text=text)
+def delta_chunk(rid: str, delta: Delta) -> chat_pb2.StreamChatResponse:
+    return chat_pb2.StreamChatResponse(request_id=rid, text=delta.text,
+                                       logprobs=logprobs_pb(delta.logprobs))
 
 
 def final_chunk(rid: str, done: Finished, text: str = "") -> chat_pb2.StreamChatResponse:

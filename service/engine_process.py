@@ -12,8 +12,8 @@ vision tower, the batch and detokenisation. Between them is one pipe:
                        ("events", [(key, item), ...]) once per engine step, ("stats", dict),
                        ("wedged",), ("drained",)
 
-An event item is the delta's text (str), a Finished, an error, or None for the end of the
-stream. Keys are the server's own numbers: request ids come from clients and may repeat.
+An event item is the delta's text (str; a Delta when it carries logprobs), a Trace, a
+Finished, an error, or None for the end of the stream. Keys are the server's own numbers: request ids come from clients and may repeat.
 The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a process-group kill reaches
 it too) and follows the server: drain when told, exit when the pipe closes. If the child
 dies, every running call gets UNAVAILABLE and the server reports itself wedged (exit 3).
@@ -238,7 +238,8 @@ class _Forwarder:
             self.conn.send(msg)
 
     def events(self, batch: list[tuple[object, object]]) -> None:
-        out = [(key, None if item is END else item.text if isinstance(item, Delta) else item)
+        out = [(key, None if item is END else
+                 item.text if isinstance(item, Delta) and not item.logprobs else item)
                for key, item in batch]
         try:
             self.send(("events", out))

@@ -68,6 +68,7 @@ class _Call:
         self.stream = None
         self.first = 0.0
         self.done: Finished | None = None
+        self.logprobs: list = []  # Chat's, gathered from the deltas
         self._token = None
         self.span = owner.tracing.current_span() if owner.tracing is not None else None
 
@@ -167,11 +168,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             async for event in call.submit(request):
                 if isinstance(event, Finished):
                     call.finished(event)
-                    return converters.to_response(call.rid, event)
+                    return converters.to_response(call.rid, event, call.logprobs)
                 if isinstance(event, Trace):
                     call.traced(event)
                 else:
                     call.saw_text()
+                    call.logprobs.extend(event.logprobs)
             raise RuntimeError("the engine ended a job without a final event")
         except Exception as exc:  # mapped once, in service.errors
             await call.fail(exc)
@@ -186,7 +188,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             async for event in call.submit(request):
                 if isinstance(event, Delta):
                     call.saw_text()
-                    yield converters.delta_chunk(call.rid, event.text)
+                    yield converters.delta_chunk(call.rid, event)
                 elif isinstance(event, Trace):
                     call.traced(event)
                 else:

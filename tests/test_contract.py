@@ -67,7 +67,7 @@ def test_a_planted_lint_violation_fails_with_bufs_message(buf, copy) -> None:
     ("  // Keep only the top_k most likely tokens. 0: no limit.\n  uint32 top_k = 4;\n", "",
      'Previously present field "4" with name "top_k" on message "GenerationConfig" was '
      'deleted.'),
-    ("  bool ignore_eos = 8;", "  bool ignore_eos = 9;",
+    ("  bool ignore_eos = 8;", "  bool ignore_eos = 98;",
      'Previously present field "8" with name "ignore_eos" on message "GenerationConfig" was '
      'deleted.'),
     ("  FINISH_REASON_LENGTH = 2;", "  FINISH_REASON_MAX_TOKENS = 2;",

@@ -44,13 +44,15 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
         ("request_id", 1), ("messages", 2), ("generation", 3), ("vision", 4)]
     assert fields["ChatResponse"] == fields["StreamChatResponse"] == [
         ("request_id", 1), ("text", 2), ("finish_reason", 3), ("usage", 4), ("timing", 5),
-        ("adjustments", 6), ("stop_sequence", 7)]
+        ("adjustments", 6), ("stop_sequence", 7), ("logprobs", 8)]
     fields = {m: [f.name for f in chat_pb2.DESCRIPTOR.message_types_by_name[m].fields]
               for m in ("Part", "Video", "GenerationConfig", "Usage", "Timing")}
     assert fields["Part"] == ["text", "image", "video"]
     assert fields["Video"] == ["uri", "data", "num_frames", "start_seconds", "end_seconds"]
     assert fields["GenerationConfig"] == ["max_new_tokens", "temperature", "top_p", "top_k",
-                                          "repetition_penalty", "seed", "stop", "ignore_eos"]
+                                          "repetition_penalty", "seed", "stop", "ignore_eos",
+                                          "json_schema", "json_object", "regex", "choice",
+                                          "grammar", "logprobs", "top_logprobs"]
     assert fields["Usage"] == ["prompt_tokens", "completion_tokens", "vision_tokens",
                                "image_tiles", "video_frames", "cached_tiles"]
     assert fields["Timing"] == ["queue_ms", "preprocess_ms", "prefill_ms", "decode_ms"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.engine.grammar import GrammarSettings
 from service.engine.job import ChatJob, EngineInfo
 from service.engine.prepare import MediaSettings
 from service.engine.stream import JobStream
@@ -29,6 +30,7 @@ class EngineSettings:
     batch_invariant: bool | None = None
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, not invariant)
     media: MediaSettings = MediaSettings()
+    grammar: GrammarSettings = GrammarSettings()
 
 
 class Engine(Protocol):

@@ -52,6 +52,20 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """What a constrained reply must be. `kind` is one of KINDS; `spec` is the schema (JSON
+    text), the regex, the grammar, or the choices as a JSON list; `field` is its request
+    path, for errors."""
+
+    KINDS = ("json_schema", "json_object", "regex", "choice", "lark", "gbnf")
+
+    kind: str
+    spec: str = ""
+    strict: bool = False
+    field: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Generation settings, already validated and defaulted."""
 
@@ -63,6 +77,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks only: generate exactly max_new_tokens
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -150,10 +167,23 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability, and the top alternatives at its step as
+    (token id, bytes, log probability), most likely first."""
+
+    token_id: int
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New reply text (never splits a character)."""
+    """New reply text (never splits a character), and the log probabilities of the tokens
+    sampled since the last Delta when the job asked for them."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class Prepared:
     adjustments: list[str]
     preprocess_ms: float
     ready_ns: int = 0  # wall clock when it joined the queue, for the trace
+    constraint: object = None  # grammar.Constraint when the job has a response_format
 
 
 class Preparer:

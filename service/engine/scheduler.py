@@ -13,6 +13,7 @@ import torch
 
 from preprocess.errors import PreprocessError
 from service.engine.detok import TextAssembler
+from service.engine.grammar import Constraint, Grammars
 from service.engine.graphs import DecodeGraphs
 from service.engine.interface import EngineInfo, EngineSettings
 from service.engine.job import (
@@ -26,15 +27,17 @@ from service.engine.job import (
     OutOfMemory,
     Stage,
     Timing,
+    TokenLogprob,
     Trace,
     Unavailable,
     Usage,
     check_admission,
+    timed,
 )
 from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import Prepared, Preparer
-from service.engine.sampling import Sampler
+from service.engine.sampling import Sampler, logprobs_of
 from service.engine.stream import JobStream, Outbox, Sink
 from service.engine.vision import VisionCache, VisionEncoder
 from service.runtime import trim_malloc
@@ -54,6 +57,7 @@ class _Running:
     sampler: Sampler
     text: TextAssembler
     seen: torch.Tensor  # prompt + reply ids, for the repetition penalty
+    constraint: Constraint | None = None  # the job's response_format
     length: int = 0  # tokens in the KV row
     last: int = 0  # the sampled token not yet in the KV row
     generated: int = 0
@@ -92,6 +96,9 @@ class NativeEngine:
         stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
         self.stop_ids = {i for i in stops if i is not None and i != tok.unk_token_id}
         self.vocab_limit = min(len(tok), loaded.cfg.text.vocab_size)
+        self.grammars = Grammars(tok, self.vocab_limit, self.stop_ids, settings.grammar)
+        # masks of a step's constrained rows are computed here while the model runs
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="masks")
         invariant = settings.batch_invariant
         if invariant is None:
             invariant = loaded.device.type == "cpu"
@@ -181,6 +188,7 @@ class NativeEngine:
         for stream in list(self._streams.values()):
             self._end(stream, Unavailable("the server shut down before this request finished"))
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._masks.shutdown(wait=False, cancel_futures=True)
         if self.video_pool is not None:
             self.video_pool.close()
 
@@ -192,6 +200,11 @@ class NativeEngine:
             if stream.job.expired():
                 raise DeadlineExceeded("the deadline passed while the request was queued")
             prepared = self.prepare(stream.job, stream.stages)
+            fmt = stream.job.sampling.response_format
+            if fmt is not None:
+                with timed(stream.stages, "eagle.grammar", **{
+                        "eagle.format": fmt.kind, "eagle.cached": self.grammars.cached(fmt)}):
+                    prepared.constraint = self.grammars.constraint(fmt)
         except (PreprocessError, EngineError) as exc:
             self._end(stream, exc)
             return
@@ -290,8 +303,8 @@ class NativeEngine:
                 run = _Running(stream, prep, Sampler(job.sampling, self.vocab_limit,
                                                      self.lm.device),
                                TextAssembler(self.lm.tokenizer, job.sampling.stop), ids,
-                               length=len(prep.ids), cached_tiles=cached, t_submit=t_submit,
-                               t_admit=now)
+                               prep.constraint, length=len(prep.ids), cached_tiles=cached,
+                               t_submit=t_submit, t_admit=now)
                 ready.append((run, embeds))
             except Exception as exc:
                 self._end(stream, _as_engine_error(exc))
@@ -351,7 +364,13 @@ class NativeEngine:
                     ("eagle.prompt_tokens", run.length), ("eagle.packed_prompts", len(pack)))))
             self._running.append(run)  # row base + j, where its keys were written
             try:
-                self._accept(run, run.sampler(logits[j], run.seen))
+                allowed = None
+                if run.constraint is not None:
+                    bitmask = self.grammars.new_bitmask(1)
+                    self.grammars.fill([run.constraint], bitmask)
+                    run.constraint.check()
+                    allowed = self.grammars.allowed(bitmask[0].to(logits.device))
+                self._accept(run, *run.sampler(logits[j], run.seen, allowed))
             except Exception as exc:
                 run.finished = True
                 self._end(run.stream, _as_engine_error(exc))
@@ -361,6 +380,12 @@ class NativeEngine:
         self._threads(False)
         tokens = torch.tensor([r.last for r in rows], device=self.lm.device)
         positions = torch.tensor([r.length for r in rows], device=self.lm.device)
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        masks = None
+        if constrained:  # computed on another thread while the model runs
+            bitmask = self.grammars.new_bitmask(len(constrained))
+            masks = self._masks.submit(self.grammars.fill,
+                                       [rows[i].constraint for i in constrained], bitmask)
         try:
             if self.fault_hook:
                 self.fault_hook("step", rows)
@@ -381,38 +406,57 @@ class NativeEngine:
             self._compact()
             return
         self.steps += 1
+        allowed: dict[int, torch.Tensor] = {}
+        if masks is not None:
+            masks.result()
+            device_masks = bitmask.to(logits.device)
+            allowed = {i: self.grammars.allowed(device_masks[k])
+                       for k, i in enumerate(constrained)}
         # plain greedy rows (most traffic) take one argmax over the whole batch
         argmax = logits[:, : self.vocab_limit].argmax(-1).tolist()
         for i, r in enumerate(rows):
             r.length += 1
             try:
                 if r.sampler.plain_greedy:
-                    token = argmax[i]
-                else:
-                    if r.sampler.params.repetition_penalty != 1.0:
-                        r.seen = torch.cat([r.seen, tokens[i:i + 1]])
-                    token = r.sampler(logits[i], r.seen)
-                self._accept(r, token)
+                    self._accept(r, argmax[i])
+                    continue
+                if r.sampler.params.repetition_penalty != 1.0:
+                    r.seen = torch.cat([r.seen, tokens[i:i + 1]])
+                if r.constraint is not None:
+                    r.constraint.check()
+                self._accept(r, *r.sampler(logits[i], r.seen, allowed.get(i)))
             except Exception as exc:
                 r.finished = True
                 self._end(r.stream, _as_engine_error(exc))
         self._compact()
 
-    def _accept(self, r: _Running, token: int) -> None:
-        """Take one sampled token: emit text, or finish on a stop token, stop string or limit."""
-        if token in self.stop_ids and not r.prep.job.sampling.ignore_eos:
+    def _accept(self, r: _Running, token: int, dist: torch.Tensor | None = None) -> None:
+        """Take one sampled token (`dist`: the distribution it came from): emit text and its
+        logprob, or finish on a stop token, a stop string, the end of the format or a limit."""
+        params = r.prep.job.sampling
+        if token in self.stop_ids and not (params.ignore_eos and r.constraint is None):
             self._finish(r, FinishReason.STOP)
             return
         r.generated += 1
         r.last = token
+        logprobs = (self._logprob(token, dist, params.top_logprobs),) if params.logprobs else ()
+        if r.constraint is not None:
+            r.constraint.accept(token)
         delta = r.text.add(token)
-        if delta:
-            r.stream.push(Delta(delta), self._outbox)
+        if delta or logprobs:
+            r.stream.push(Delta(delta, logprobs), self._outbox)
         if r.text.stopped:
             self._finish(r, FinishReason.STOP_SEQUENCE)
+        elif r.constraint is not None and r.constraint.complete:
+            self._finish(r, FinishReason.STOP)
         elif (r.generated >= r.prep.job.sampling.max_new_tokens
               or r.length + 1 >= self.context_length):
             self._finish(r, FinishReason.LENGTH)
+
+    def _logprob(self, token: int, dist: torch.Tensor, top: int) -> TokenLogprob:
+        value, best = logprobs_of(dist, token, top)
+        tb = self.grammars.token_bytes
+        return TokenLogprob(token, tb(token), value, tuple((i, tb(i), v) for i, v in best))
 
     def _finish(self, r: _Running, reason: FinishReason) -> None:
         r.finished = True

@@ -101,7 +101,7 @@ def _join_deltas(items: list[object]) -> list[object]:
     out: list[object] = []
     for item in items:
         if isinstance(item, Delta) and out and isinstance(out[-1], Delta):
-            out[-1] = Delta(out[-1].text + item.text)
+            out[-1] = Delta(out[-1].text + item.text, out[-1].logprobs + item.logprobs)
         else:
             out.append(item)
     return out

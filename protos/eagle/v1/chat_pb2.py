@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65\x61gle/v1/chat.proto\x12\x08\x65\x61gle.v1\"\x9e\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.eagle.v1.Message\x12.\n\ngeneration\x18\x03 \x01(\x0b\x32\x1a.eagle.v1.GenerationConfig\x12&\n\x06vision\x18\x04 \x01(\x0b\x32\x16.eagle.v1.VisionConfig\"\xa4\x01\n\x11StreamChatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.eagle.v1.Message\x12.\n\ngeneration\x18\x03 \x01(\x0b\x32\x1a.eagle.v1.GenerationConfig\x12&\n\x06vision\x18\x04 \x01(\x0b\x32\x16.eagle.v1.VisionConfig\"F\n\x07Message\x12\x1c\n\x04role\x18\x01 \x01(\x0e\x32\x0e.eagle.v1.Role\x12\x1d\n\x05parts\x18\x02 \x03(\x0b\x32\x0e.eagle.v1.Part\"b\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x0f.eagle.v1.ImageH\x00\x12 \n\x05video\x18\x03 \x01(\x0b\x32\x0f.eagle.v1.VideoH\x00\x42\x06\n\x04kind\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"p\n\x05Video\x12\r\n\x03uri\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x12\n\nnum_frames\x18\x03 \x01(\r\x12\x15\n\rstart_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x05 \x01(\x01\x42\x08\n\x06source\"\xf7\x01\n\x10GenerationConfig\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"y\n\x0cVisionConfig\x12\x1b\n\x13max_tiles_per_image\x18\x01 \x01(\r\x12\x18\n\x10max_video_frames\x18\x02 \x01(\r\x12\x1d\n\x10\x66rame_timestamps\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x13\n\x11_frame_timestamps\"\xd3\x01\n\x12StreamChatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.eagle.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.eagle.v1.Usage\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.eagle.v1.Timing\x12\x13\n\x0b\x61\x64justments\x18\x06 \x03(\t\x12\x15\n\rstop_sequence\x18\x07 \x01(\t\"\xcd\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.eagle.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.eagle.v1.Usage\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.eagle.v1.Timing\x12\x13\n\x0b\x61\x64justments\x18\x06 \x03(\t\x12\x15\n\rstop_sequence\x18\x07 \x01(\t\"\x91\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rvision_tokens\x18\x03 \x01(\r\x12\x13\n\x0bimage_tiles\x18\x04 \x01(\r\x12\x14\n\x0cvideo_frames\x18\x05 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_tiles\x18\x06 \x01(\r\"X\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xb4\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x11\n\ttile_size\x18\x05 \x01(\r\x12\x1b\n\x13max_tiles_per_image\x18\x06 \x01(\r\x12\x18\n\x10max_video_frames\x18\x07 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x04\x12\x16\n\x0eserver_version\x18\x0c \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x80\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xde\x01\n\x0b\x43hatService\x12\x35\n\x04\x43hat\x12\x15.eagle.v1.ChatRequest\x1a\x16.eagle.v1.ChatResponse\x12I\n\nStreamChat\x12\x1b.eagle.v1.StreamChatRequest\x1a\x1c.eagle.v1.StreamChatResponse0\x01\x12M\n\x0cGetModelInfo\x12\x1d.eagle.v1.GetModelInfoRequest\x1a\x1e.eagle.v1.GetModelInfoResponseBT\n\x16\x63om.eaglegrpc.eagle.v1P\x01Z8github.com/eagle-grpc/eagle-grpc/gen/go/eagle/v1;eaglev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65\x61gle/v1/chat.proto\x12\x08\x65\x61gle.v1\"\x9e\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.eagle.v1.Message\x12.\n\ngeneration\x18\x03 \x01(\x0b\x32\x1a.eagle.v1.GenerationConfig\x12&\n\x06vision\x18\x04 \x01(\x0b\x32\x16.eagle.v1.VisionConfig\"\xa4\x01\n\x11StreamChatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.eagle.v1.Message\x12.\n\ngeneration\x18\x03 \x01(\x0b\x32\x1a.eagle.v1.GenerationConfig\x12&\n\x06vision\x18\x04 \x01(\x0b\x32\x16.eagle.v1.VisionConfig\"F\n\x07Message\x12\x1c\n\x04role\x18\x01 \x01(\x0e\x32\x0e.eagle.v1.Role\x12\x1d\n\x05parts\x18\x02 \x03(\x0b\x32\x0e.eagle.v1.Part\"b\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x0f.eagle.v1.ImageH\x00\x12 \n\x05video\x18\x03 \x01(\x0b\x32\x0f.eagle.v1.VideoH\x00\x42\x06\n\x04kind\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"p\n\x05Video\x12\r\n\x03uri\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x12\n\nnum_frames\x18\x03 \x01(\r\x12\x15\n\rstart_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x05 \x01(\x01\x42\x08\n\x06source\"\xff\x03\n\x10GenerationConfig\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x31\n\x0bjson_schema\x18\t \x01(\x0b\x32\x1a.eagle.v1.JsonSchemaFormatH\x00\x12\x31\n\x0bjson_object\x18\n \x01(\x0b\x32\x1a.eagle.v1.JsonObjectFormatH\x00\x12\x0f\n\x05regex\x18\x0b \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x0c \x01(\x0b\x32\x16.eagle.v1.ChoiceFormatH\x00\x12*\n\x07grammar\x18\r \x01(\x0b\x32\x17.eagle.v1.GrammarFormatH\x00\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\rB\x11\n\x0fresponse_formatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"2\n\x10JsonSchemaFormat\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\x12\n\x10JsonObjectFormat\"\x1f\n\x0c\x43hoiceFormat\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"9\n\rGrammarFormat\x12\x0e\n\x04lark\x18\x01 \x01(\tH\x00\x12\x0e\n\x04gbnf\x18\x02 \x01(\tH\x00\x42\x08\n\x06syntax\"y\n\x0cVisionConfig\x12\x1b\n\x13max_tiles_per_image\x18\x01 \x01(\r\x12\x18\n\x10max_video_frames\x18\x02 \x01(\r\x12\x1d\n\x10\x66rame_timestamps\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x13\n\x11_frame_timestamps\"\xfd\x01\n\x12StreamChatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.eagle.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.eagle.v1.Usage\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.eagle.v1.Timing\x12\x13\n\x0b\x61\x64justments\x18\x06 \x03(\t\x12\x15\n\rstop_sequence\x18\x07 \x01(\t\x12(\n\x08logprobs\x18\x08 \x03(\x0b\x32\x16.eagle.v1.TokenLogprob\"\xf7\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.eagle.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.eagle.v1.Usage\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.eagle.v1.Timing\x12\x13\n\x0b\x61\x64justments\x18\x06 \x03(\t\x12\x15\n\rstop_sequence\x18\x07 \x01(\t\x12(\n\x08logprobs\x18\x08 \x03(\x0b\x32\x16.eagle.v1.TokenLogprob\"\x81\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.eagle.v1.TopLogprob\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\"\x91\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rvision_tokens\x18\x03 \x01(\r\x12\x13\n\x0bimage_tiles\x18\x04 \x01(\r\x12\x14\n\x0cvideo_frames\x18\x05 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_tiles\x18\x06 \x01(\r\"X\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xb4\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x11\n\ttile_size\x18\x05 \x01(\r\x12\x1b\n\x13max_tiles_per_image\x18\x06 \x01(\r\x12\x18\n\x10max_video_frames\x18\x07 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x04\x12\x16\n\x0eserver_version\x18\x0c \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x80\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xde\x01\n\x0b\x43hatService\x12\x35\n\x04\x43hat\x12\x15.eagle.v1.ChatRequest\x1a\x16.eagle.v1.ChatResponse\x12I\n\nStreamChat\x12\x1b.eagle.v1.StreamChatRequest\x1a\x1c.eagle.v1.StreamChatResponse0\x01\x12M\n\x0cGetModelInfo\x12\x1d.eagle.v1.GetModelInfoRequest\x1a\x1e.eagle.v1.GetModelInfoResponseBT\n\x16\x63om.eaglegrpc.eagle.v1P\x01Z8github.com/eagle-grpc/eagle-grpc/gen/go/eagle/v1;eaglev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eagle.v1.chat_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026com.eaglegrpc.eagle.v1P\001Z8github.com/eagle-grpc/eagle-grpc/gen/go/eagle/v1;eaglev1'
-  _globals['_ROLE']._serialized_start=2064
-  _globals['_ROLE']._serialized_end=2144
-  _globals['_FINISHREASON']._serialized_start=2147
-  _globals['_FINISHREASON']._serialized_end=2275
+  _globals['_ROLE']._serialized_start=2793
+  _globals['_ROLE']._serialized_end=2873
+  _globals['_FINISHREASON']._serialized_start=2876
+  _globals['_FINISHREASON']._serialized_end=3004
   _globals['_CHATREQUEST']._serialized_start=34
   _globals['_CHATREQUEST']._serialized_end=192
   _globals['_STREAMCHATREQUEST']._serialized_start=195
@@ -49,21 +49,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIDEO']._serialized_start=583
   _globals['_VIDEO']._serialized_end=695
   _globals['_GENERATIONCONFIG']._serialized_start=698
-  _globals['_GENERATIONCONFIG']._serialized_end=945
-  _globals['_VISIONCONFIG']._serialized_start=947
-  _globals['_VISIONCONFIG']._serialized_end=1068
-  _globals['_STREAMCHATRESPONSE']._serialized_start=1071
-  _globals['_STREAMCHATRESPONSE']._serialized_end=1282
-  _globals['_CHATRESPONSE']._serialized_start=1285
-  _globals['_CHATRESPONSE']._serialized_end=1490
-  _globals['_USAGE']._serialized_start=1493
-  _globals['_USAGE']._serialized_end=1638
-  _globals['_TIMING']._serialized_start=1640
-  _globals['_TIMING']._serialized_end=1728
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1730
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1751
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1754
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2062
-  _globals['_CHATSERVICE']._serialized_start=2278
-  _globals['_CHATSERVICE']._serialized_end=2500
+  _globals['_GENERATIONCONFIG']._serialized_end=1209
+  _globals['_JSONSCHEMAFORMAT']._serialized_start=1211
+  _globals['_JSONSCHEMAFORMAT']._serialized_end=1261
+  _globals['_JSONOBJECTFORMAT']._serialized_start=1263
+  _globals['_JSONOBJECTFORMAT']._serialized_end=1281
+  _globals['_CHOICEFORMAT']._serialized_start=1283
+  _globals['_CHOICEFORMAT']._serialized_end=1314
+  _globals['_GRAMMARFORMAT']._serialized_start=1316
+  _globals['_GRAMMARFORMAT']._serialized_end=1373
+  _globals['_VISIONCONFIG']._serialized_start=1375
+  _globals['_VISIONCONFIG']._serialized_end=1496
+  _globals['_STREAMCHATRESPONSE']._serialized_start=1499
+  _globals['_STREAMCHATRESPONSE']._serialized_end=1752
+  _globals['_CHATRESPONSE']._serialized_start=1755
+  _globals['_CHATRESPONSE']._serialized_end=2002
+  _globals['_TOKENLOGPROB']._serialized_start=2005
+  _globals['_TOKENLOGPROB']._serialized_end=2134
+  _globals['_TOPLOGPROB']._serialized_start=2136
+  _globals['_TOPLOGPROB']._serialized_end=2219
+  _globals['_USAGE']._serialized_start=2222
+  _globals['_USAGE']._serialized_end=2367
+  _globals['_TIMING']._serialized_start=2369
+  _globals['_TIMING']._serialized_end=2457
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2459
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2480
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2483
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2791
+  _globals['_CHATSERVICE']._serialized_start=3007
+  _globals['_CHATSERVICE']._serialized_end=3229
 # @@protoc_insertion_point(module_scope)
