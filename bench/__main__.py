@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.common import machine, write_json
 
-SECTIONS = ("preprocess", "engine", "serving")
+SECTIONS = ("preprocess", "engine", "serving", "structured")
 
 
 def main() -> None:
@@ -43,10 +43,14 @@ def main() -> None:
             engine = engine_factory()
             text, data = engine_bench.run(out, engine)
             engine.drain(0)
-        else:
+        elif section == "serving":
             from bench import serving_bench
 
             text, data = serving_bench.run(out, engine_factory)
+        else:
+            from bench import structured_bench
+
+            text, data = structured_bench.run(out)
         print(text)
         print(f"(JSON: {write_json(out, section, data)})\n")
 

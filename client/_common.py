@@ -154,7 +154,8 @@ class ChatResult:
                 "timing": MessageToDict(self.timing, always_print_fields_with_no_presence=True,
                                         preserving_proto_field_name=True),
                 "adjustments": self.adjustments,
-                **({"logprobs": [MessageToDict(t, preserving_proto_field_name=True)
+                **({"logprobs": [MessageToDict(t, preserving_proto_field_name=True,
+                                               always_print_fields_with_no_presence=True)
                                  for t in self.logprobs]} if self.logprobs else {})}
 
 

@@ -7,6 +7,17 @@ import subprocess
 from conftest import ROOT
 
 
+def test_structured_bench_measures_compile_and_masks(tiny) -> None:
+    from bench import structured_bench
+
+    times = structured_bench.compile_times(tiny.tokenizer)
+    assert times["vocab"] == len(tiny.tokenizer)
+    assert times["compile_cold_ms"] > times["compile_cached_ms"] > 0
+    assert times["mask_p50_us"] > 0
+    engines = {e["engine"]: e for e in structured_bench.compare_engines(tiny.tokenizer)}
+    assert engines["llguidance"]["installed"] and engines["llguidance"]["mask_p50_us"] > 0
+
+
 def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     run = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--tiny",
                           "--tokens", "16", "--batches", "1,4", "--out", str(tmp_path)],

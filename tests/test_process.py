@@ -139,6 +139,30 @@ def test_cli_streams_prints_json_and_reports_errors(server, media_root) -> None:
                                   "(field generation.max_new_tokens)")
 
 
+def test_cli_constrains_the_reply_and_prints_logprobs(server, tmp_path) -> None:
+    cli = [sys.executable, "-m", "client.cli", "--server", server.target]
+    choice = subprocess.run(cli + ["--choice", "yes,no,unsure", "Is it safe?"], env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert choice.returncode == 0, choice.stderr
+    assert choice.stdout in ("yes\n", "no\n", "unsure\n")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}))
+    as_json = subprocess.run(cli + ["--json-schema", str(schema), "--logprobs", "2", "--json",
+                                    "Pick one."], env=_env(), capture_output=True, text=True,
+                             timeout=120)
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["finish_reason"] == "stop"
+    assert 1 <= json.loads(data["text"])["n"] <= 9
+    assert len(data["logprobs"]) == data["usage"]["completion_tokens"]
+    assert all(len(t["top_logprobs"]) <= 2 and t["logprob"] <= 0 for t in data["logprobs"])
+    both = subprocess.run(cli + ["--choice", "a", "--regex", "b", "x"], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
 def test_metrics_endpoint_and_request_id_in_logs(server) -> None:
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
