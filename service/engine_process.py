@@ -57,7 +57,7 @@ def build_engine(s: Settings):
     from service.engine.scheduler import EngineSettings, NativeEngine
 
     folder = resolve_model(s.model, Path(s.cache_dir) if s.cache_dir else None)
-    loaded = load_model(folder, s.device)
+    loaded = load_model(folder, s.device, s.dtype)
     media = MediaSettings(
         image=ImagePolicy(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels),
         video=VideoPolicy(max_bytes=s.max_video_bytes, max_frames=s.max_video_frames,

@@ -16,7 +16,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     model: str = "tiny"
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (one process per GPU)
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32
     cache_dir: str = ""
     # capacity
     max_running: int = 16
@@ -101,6 +102,8 @@ class Settings:
         for root in self.media_roots:
             if not Path(root).is_dir():
                 raise ValueError(f"media root {root!r} is not a directory")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"--dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("--default-max-new-tokens is above --max-new-tokens")
 

@@ -60,14 +60,33 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     raise ModelLoadError(f"model {ref!r} is neither 'tiny', a folder, nor a hub id (org/name)")
 
 
-def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """CUDA in bfloat16 when present (or asked for), else CPU in float32."""
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(requested: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`auto`: CUDA when present, else CPU; `cuda:N` names one GPU of several. The dtype
+    `auto` is bfloat16 on CUDA and float32 on CPU; `bfloat16`, `float16`, `float32` force one."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but no CUDA device is visible")
-    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ModelLoadError(f"--device {requested!r} is not a device: use auto, cpu, cuda or "
+                             f"cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {requested!r}: only cpu and cuda are served")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {requested} was asked for but no CUDA device is "
+                                 f"visible")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {requested}: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if dtype == "auto":
+        return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return device, DTYPES[dtype]
 
 
 def attention_backend(device: torch.device) -> str:
@@ -146,10 +165,13 @@ def check_keys(model: Eagle2Model, shapes: dict[str, tuple[int, ...]]) -> dict[s
     return to_module
 
 
-def load_model(folder: Path, device: str = "auto") -> LoadedModel:
-    """Read config, tokenizer and safetensors from `folder` into a model on the chosen device."""
+def load_model(folder: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Read config, tokenizer and safetensors from `folder` into a model on the chosen device
+    and dtype (see pick_device)."""
     cfg = read_config(folder)
-    dev, dtype = pick_device(device)
+    dev, dtype = pick_device(device, dtype)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # streams, graphs and allocations of this thread go there
     model = build_empty(cfg, attention_backend(dev))
     files = checkpoint_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}

@@ -220,6 +220,8 @@ class NativeEngine:
     # the engine thread --------------------------------------------------------------------
     @torch.inference_mode()
     def _loop(self) -> None:
+        if self.lm.device.type == "cuda":  # the current device is per thread: `cuda:N`
+            torch.cuda.set_device(self.lm.device)
         while True:
             with self._cv:
                 idle = not (self._waiting or self._running or self._stop)
