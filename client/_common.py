@@ -14,37 +14,56 @@ from eagle.v1 import chat_pb2
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# Retries: UNAVAILABLE only (a warming, draining or restarting replica), never after the
-# first response, with exponential backoff.
-SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": "eagle.v1.ChatService"}],
-        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-})
+SERVICE = "eagle.v1.ChatService"
+# Retries: UNAVAILABLE only (a warming, draining, restarting or dead replica), and only
+# before any response data has arrived (gRPC never replays a call once the server's headers
+# or a message came back, so a stream that sent text is not repeated); no hedging.
+RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
+                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+BALANCING = ("round_robin", "pick_first")
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
-                    retries: bool = True) -> list[tuple[str, Any]]:
-    """Keepalive every 60 s (the server allows pings every 10 s), message sizes, retries."""
-    opts: list[tuple[str, Any]] = [
+def service_config(load_balancing: str = "round_robin", retries: bool = True) -> str:
+    """The gRPC service config the client library uses.
+
+    `round_robin` (the default) spreads calls over every address the target resolves to
+    (`dns:///eagle.ns.svc:50051` with a headless Service, `ipv4:10.0.0.1:50051,10.0.0.2:50051`,
+    or one address) and checks each replica's health (`grpc.health.v1`, service
+    eagle.v1.ChatService): a replica warming up or draining gets no new calls.
+    `pick_first` keeps one connection to the first address that answers, as before.
+    """
+    if load_balancing not in BALANCING:
+        raise ValueError(f"load_balancing must be one of {', '.join(BALANCING)}, not "
+                         f"{load_balancing!r}")
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if load_balancing == "round_robin":
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
+    if retries:
+        config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}]
+    return json.dumps(config)
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True,
+                    load_balancing: str = "round_robin") -> list[tuple[str, Any]]:
+    """Keepalive every 60 s (the server allows pings every 10 s), message sizes, balancing
+    and retries (see service_config)."""
+    return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.enable_retries", int(retries)),
+        ("grpc.service_config", service_config(load_balancing, retries)),
     ]
-    if retries:
-        opts.append(("grpc.service_config", SERVICE_CONFIG))
-    return opts
 
 
 def open_channel(api: Any, target: str, tls: bool, root_certificates: Any, client_cert: Any,
-                 client_key: Any, max_message_bytes: int, retries: bool) -> Any:
-    """A channel from `api` (the grpc module or grpc.aio) with our options and credentials."""
+                 client_key: Any, max_message_bytes: int, retries: bool,
+                 load_balancing: str = "round_robin") -> Any:
+    """A channel from `api` (the grpc module or grpc.aio) with our options and credentials.
+    `target` is any gRPC target: an address, `dns:///name:port`, `ipv4:a:p,b:p`."""
     creds = credentials(tls, root_certificates, client_cert, client_key)
-    opts = channel_options(max_message_bytes, retries)
+    opts = channel_options(max_message_bytes, retries, load_balancing)
     return api.secure_channel(target, creds, opts) if creds else api.insecure_channel(target, opts)
 
 

@@ -54,9 +54,11 @@ class AsyncEagleClient:
                  tls: bool = False, root_certificates: bytes | str | Path | None = None,
                  client_cert: bytes | str | Path | None = None,
                  client_key: bytes | str | Path | None = None, timeout: float = 120.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True,
+                 load_balancing: str = "round_robin") -> None:
         self._channel = open_channel(grpc.aio, target, tls, root_certificates, client_cert,
-                                     client_key, max_message_bytes, retries)
+                                     client_key, max_message_bytes, retries,
+                                     load_balancing)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._metadata = metadata(token)
         self.timeout = timeout

@@ -36,7 +36,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="return each token's log probability and the N most likely "
                         "alternatives (0-20); shown with --json")
-    p.add_argument("--server", default=os.environ.get("EAGLE_SERVER", "127.0.0.1:50051"))
+    p.add_argument("--server", default=os.environ.get("EAGLE_SERVER", "127.0.0.1:50051"),
+                   help="any gRPC target: host:port, dns:///name:port, ipv4:a:p,b:p (or "
+                        "EAGLE_SERVER)")
+    p.add_argument("--load-balancing", choices=["round_robin", "pick_first"],
+                   default="round_robin", help="spread calls over the target's replicas "
+                                               "(health-checked), or keep one connection")
     p.add_argument("--token", default=os.environ.get("EAGLE_TOKEN"),
                    help="bearer token (or EAGLE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
@@ -84,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request.update(_format(args))
         with EagleClient(args.server, token=args.token, tls=args.tls, root_certificates=args.ca,
-                         client_cert=args.cert, client_key=args.key,
-                         timeout=args.timeout) as client:
+                         client_cert=args.cert, client_key=args.key, timeout=args.timeout,
+                         load_balancing=args.load_balancing) as client:
             if args.info:
                 from google.protobuf.json_format import MessageToJson
 

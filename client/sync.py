@@ -53,6 +53,10 @@ class ChatStream:
 class EagleClient:
     """Blocking client for eagle.v1.ChatService.
 
+    `target` is any gRPC target; calls are spread over the replicas it resolves to
+    (`load_balancing="round_robin"`, health-checked) or kept on one connection
+    (`"pick_first"`). Retries: UNAVAILABLE only, before any response data.
+
     >>> with EagleClient("127.0.0.1:50051") as client:
     ...     print(client.chat("What is in this picture?", images=["photo.jpg"]).text)
     """
@@ -61,9 +65,11 @@ class EagleClient:
                  tls: bool = False, root_certificates: bytes | str | Path | None = None,
                  client_cert: bytes | str | Path | None = None,
                  client_key: bytes | str | Path | None = None, timeout: float = 120.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True,
+                 load_balancing: str = "round_robin") -> None:
         self._channel = open_channel(grpc, target, tls, root_certificates, client_cert,
-                                     client_key, max_message_bytes, retries)
+                                     client_key, max_message_bytes, retries,
+                                     load_balancing)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._metadata = metadata(token)
         self.timeout = timeout

@@ -25,6 +25,11 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+# Health service names: "" and SERVICE say whether new calls are taken (NOT_SERVING while
+# warming up, draining, or wedged: readiness, client-side health checking); LIVENESS says
+# whether the process should be left running (NOT_SERVING only when the engine is wedged, so
+# a liveness probe never kills a replica that is loading its model or draining).
+LIVENESS = "liveness"
 
 
 def chat_handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
@@ -54,8 +59,9 @@ def chat_handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
 
 
 def server_options(s: Settings) -> list[tuple[str, int]]:
-    """Message size and keepalive settings; the client library uses matching ones."""
-    return [
+    """Message size, keepalive and connection-age settings; the client library uses matching
+    keepalive ones."""
+    opts = [
         ("grpc.max_receive_message_length", s.max_request_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.keepalive_time_ms", s.keepalive_time_ms),
@@ -64,6 +70,11 @@ def server_options(s: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", s.min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", s.max_ping_strikes),
     ]
+    if s.max_connection_age_s > 0:  # GOAWAY at the age: clients reconnect (and rebalance)
+        opts += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                 ("grpc.max_connection_age_grace_ms",
+                  int(s.max_connection_age_grace_s * 1000))]
+    return opts
 
 
 class EagleServer:
@@ -96,6 +107,13 @@ class EagleServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_reflection(self.server, (SERVICE, health.SERVICE_NAME))
         self.port = self._bind()
+        self.health_server = None  # plaintext health for probes beside a TLS port
+        if settings.health_port:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            host = settings.address.rsplit(":", 1)[0]
+            self.health_port = self.health_server.add_insecure_port(
+                f"{host}:{settings.health_port}")
 
     def _bind(self) -> int:
         s = self.settings
@@ -114,7 +132,10 @@ class EagleServer:
     async def start(self) -> None:
         """Listen at once, NOT_SERVING until the warm-up request has gone through the model."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.settings.warmup:
             await asyncio.to_thread(warm_up, self.engine)
         self.state.ready = True
@@ -129,6 +150,7 @@ class EagleServer:
             await asyncio.sleep(0.25)
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.failed.set()
 
     async def _give_memory_back(self, every_s: float = 2.0, trim=trim_malloc) -> None:
@@ -150,6 +172,8 @@ class EagleServer:
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await asyncio.to_thread(self.engine.drain, 0)
         if self.ledger is not None:
             self.ledger.close()

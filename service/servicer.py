@@ -62,6 +62,8 @@ class _Call:
 
     def __init__(self, owner: ChatServicer, method: str, context: grpc.aio.ServicerContext):
         self.owner, self.method, self.context = owner, method, context
+        # read now: grpc.aio crashes (a segfault) on peer() once a cancelled call has ended
+        self.peer = context.peer()
         self.start = time.monotonic()
         self.code = "CANCELLED"  # until proven otherwise: a client that goes away
         self.rid = ""
@@ -135,7 +137,8 @@ class _Call:
         self.owner.active -= 1
         m.requests.labels(self.method, self.code).inc()
         m.latency.labels(self.method).observe(elapsed)
-        extra = {"method": self.method, "code": self.code, "ms": round(elapsed * 1000, 1)}
+        extra = {"method": self.method, "code": self.code, "ms": round(elapsed * 1000, 1),
+                 "peer": self.peer}
         if self.done is not None:
             extra.update(prompt_tokens=self.done.usage.prompt_tokens,
                          completion_tokens=self.done.usage.completion_tokens)

@@ -66,6 +66,14 @@ class Settings:
     ledger_file: str = ""  # append accepted/terminal records of every RPC (soak tests)
     log_format: str = "json"
     log_level: str = "INFO"
+    # Connections are closed after this age (gRPC adds +-10% jitter) so long-lived clients
+    # re-resolve and rebalance over the replicas; calls in flight get the grace to finish.
+    # 0 turns it off.
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 600.0
+    # A plaintext port serving only grpc.health.v1, for Kubernetes' gRPC probes when the main
+    # port has TLS (the probes cannot do TLS). 0: none.
+    health_port: int = 0
     keepalive_time_ms: int = 60_000
     keepalive_timeout_ms: int = 20_000
     min_ping_interval_ms: int = 10_000

@@ -1,0 +1,152 @@
+"""Deployment files are code: the manifests and the Dockerfile are checked against the
+server's real settings, ports, health service names, scripts and extras."""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import fields
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from service import settings as settings_mod
+from service.server import LIVENESS, SERVICE
+from service.settings import Settings
+
+K8S = ROOT / "deploy" / "kubernetes"
+HEALTH_NAMES = {"", SERVICE, LIVENESS}  # what the server's health service answers for
+SETTING_NAMES = {f"EAGLE_{f.name.upper()}" for f in fields(Settings)}
+
+
+def docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict:
+    [d] = docs("deployment.yaml")
+    assert d["kind"] == "Deployment"
+    return d
+
+
+@pytest.fixture(scope="module")
+def container(deployment) -> dict:
+    [c] = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def literal_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_every_eagle_variable_is_a_setting_and_the_server_accepts_them(container) -> None:
+    names = {e["name"] for e in container["env"]}
+    assert names <= SETTING_NAMES, names - SETTING_NAMES
+    env = literal_env(container)
+    s = settings_mod.load([], env=env)  # parses and passes the server's own checks
+    assert (s.host, s.port, s.insecure, s.device) == ("0.0.0.0", 50051, True, "cuda")
+    assert s.model.startswith("/models/")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": s.port, "metrics": s.metrics_port}
+    assert s.max_connection_age_s > 0 and s.max_connection_age_grace_s >= s.max_connection_age_s
+
+
+def test_probes_use_the_served_health_names_on_the_grpc_port(container) -> None:
+    port = int(literal_env(container)["EAGLE_PORT"])
+    probes = {k: container[k]["grpc"] for k in ("startupProbe", "readinessProbe",
+                                                 "livenessProbe")}
+    assert {p["port"] for p in probes.values()} == {port}
+    assert {p["service"] for p in probes.values()} <= HEALTH_NAMES
+    assert probes["readinessProbe"]["service"] == probes["startupProbe"]["service"] == SERVICE
+    assert probes["livenessProbe"]["service"] == LIVENESS  # never kills a draining replica
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a model load
+
+
+def test_the_pod_drains_within_its_termination_grace(deployment, container) -> None:
+    spec = deployment["spec"]["template"]["spec"]
+    drain = float(literal_env(container)["EAGLE_GRACE_SECONDS"])
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] > drain + pause
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_gpu_model_volume_secrets_and_user(deployment, container) -> None:
+    spec = deployment["spec"]["template"]["spec"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert literal_env(container)["EAGLE_MODEL"].startswith(mounts["models"]["mountPath"] + "/")
+    assert mounts["models"]["readOnly"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "persistentVolumeClaim" in volumes["models"]
+    [token] = [e for e in container["env"] if e["name"] == "EAGLE_AUTH_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+
+
+def test_services_and_budget_select_the_pods(deployment, container) -> None:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels
+    services = {s["metadata"]["name"]: s for s in docs("service.yaml")}
+    assert set(services) == {"eagle-grpc", "eagle-grpc-headless"}
+    assert services["eagle-grpc-headless"]["spec"]["clusterIP"] == "None"
+    port_names = {p["name"] for p in container["ports"]}
+    for svc in services.values():
+        assert svc["spec"]["selector"] == labels
+        grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc_port["targetPort"] in port_names and grpc_port["port"] == 50051
+    [pdb] = docs("pdb.yaml")
+    assert pdb["kind"] == "PodDisruptionBudget"
+    assert pdb["spec"]["selector"]["matchLabels"] == labels
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_the_tls_patch_moves_probes_to_the_health_port(container) -> None:
+    [patch] = docs("tls-patch.yaml")
+    [c] = patch["spec"]["template"]["spec"]["containers"]
+    assert c["name"] == container["name"]
+    env = {**literal_env(container), **literal_env(c)}
+    assert {e["name"] for e in c["env"]} <= SETTING_NAMES
+    s = settings_mod.load([], env=env)
+    assert s.tls and s.insecure is False and s.health_port
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")["mountPath"]
+    assert s.tls_cert.startswith(mount + "/") and s.tls_key.startswith(mount + "/")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == s.health_port
+        assert c[probe]["grpc"]["service"] in HEALTH_NAMES
+    assert {"name": "health", "containerPort": s.health_port} in c["ports"]
+
+
+def test_the_dockerfile_matches_the_project() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = re.search(r"^ARG BASE=(\S+)", text, re.M).group(1)
+    assert base.startswith("pytorch/pytorch:") and "cuda" in base and base.endswith("runtime")
+    assert re.search(r'^ENTRYPOINT \["eagle-serve"\]$', text, re.M)
+    assert project["scripts"]["eagle-serve"] == "service.__main__:main"
+    assert re.search(r'^HEALTHCHECK .*CMD \["eagle-health"\]$', text, re.M)
+    assert "eagle-health" in project["scripts"]
+    extras = re.search(r'pip install "\.\[([\w,]+)\]"', text).group(1).split(",")
+    assert set(extras) <= set(project["optional-dependencies"]) and "server" in extras
+    user = re.search(r"^USER (\S+)$", text, re.M).group(1)
+    assert user not in ("root", "0")
+    assert f"EXPOSE {Settings.port}" in text
+    for path in re.findall(r"^COPY (\S+) ", text, re.M):
+        for part in path.split():
+            assert (ROOT / part).exists(), part
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = {p.split()[1].rstrip("/") for p in re.findall(r"^COPY (\S+ \S+)", text, re.M)}
+    for package in packages["packages"]:  # every installed package's source is copied in
+        top = packages["package-dir"].get(package.split(".")[0], package.split(".")[0])
+        assert top.split("/")[0] in {c.lstrip("./") for c in copied}, package
+
+
+def test_eagle_health_reports_the_liveness_of_a_server(server, capsys) -> None:
+    from service.healthcheck import main
+
+    assert main(["--server", server.target]) == 0
+    assert capsys.readouterr().out.strip() == f"eagle-health: {server.target} liveness: SERVING"
+    assert main(["--server", server.target, "--service", "eagle.v1.ChatService"]) == 0
+    assert main(["--server", server.target, "--service", "nope", "--timeout", "2"]) == 1
