@@ -3,10 +3,10 @@ server's real settings, ports, health service names, scripts and extras."""
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import fields
 
 import pytest
+import tomllib
 import yaml
 from conftest import ROOT
 
