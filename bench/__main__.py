@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.common import machine, write_json
 
-SECTIONS = ("preprocess", "engine", "serving", "structured")
+SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet")
 
 
 def main() -> None:
@@ -47,10 +47,14 @@ def main() -> None:
             from bench import serving_bench
 
             text, data = serving_bench.run(out, engine_factory)
-        else:
+        elif section == "structured":
             from bench import structured_bench
 
             text, data = structured_bench.run(out)
+        else:
+            from bench import fleet_bench
+
+            text, data = fleet_bench.run(out)
         print(text)
         print(f"(JSON: {write_json(out, section, data)})\n")
 
