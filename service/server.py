@@ -163,14 +163,21 @@ class EagleServer:
                 seen = self.servicer.calls
                 await asyncio.to_thread(trim)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let running ones finish within `grace`."""
+    async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Drain: NOT_SERVING and refuse new calls with UNAVAILABLE for `delay` s (clients
+        retry them elsewhere, and health-checking clients stop sending), then close the port
+        and let running calls finish within `grace`."""
         grace = self.settings.grace_seconds if grace is None else grace
+        delay = self.settings.drain_delay_s if delay is None else delay
         for task in (self._monitor, self._trimmer):
             if task is not None:
                 task.cancel()
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Closing the port at once would have gRPC cancel the calls it has received but not
+        # yet handed to us (clients see CANCELLED, which they must not retry); a moment of
+        # clean UNAVAILABLE refusals first lets every client move away.
+        await asyncio.sleep(delay)
         await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -246,7 +253,7 @@ async def serve(settings: Settings, engine, metrics: Metrics | None = None,
         starting.cancel()
     if app.failed.is_set():
         log.error("the engine is wedged: stopping so the supervisor restarts this replica")
-        await app.stop(grace=1.0)
+        await app.stop(grace=1.0, delay=0.0)
         return 3
     log.info("signal received: draining", extra={"grace_s": settings.grace_seconds})
     await app.stop()

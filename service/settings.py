@@ -61,6 +61,7 @@ class Settings:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     grace_seconds: float = 30.0
+    drain_delay_s: float = 1.0  # on SIGTERM: refuse new calls this long before closing the port
     warmup: bool = True
     gil_switch_ms: float = 0.5  # sys.setswitchinterval for the server process
     ledger_file: str = ""  # append accepted/terminal records of every RPC (soak tests)
