@@ -100,7 +100,7 @@ def _grpc_cost(target: str, engine_factory) -> dict:
     from service.settings import Settings
 
     engine = engine_factory()
-    limits = Limits.from_settings(Settings())
+    limits = Limits.from_settings(Settings(), engine.info())
     local = []
     for _ in range(11):
         start = time.perf_counter()

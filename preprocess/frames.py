@@ -53,12 +53,61 @@ class VideoInfo:
 
 @dataclass
 class DecodedVideo:
-    """Sampled frames: uint8 (n, size, size, 3), their indices and times in seconds."""
+    """Sampled frames: uint8 (n, size, size, 3), their indices and times in seconds, and the
+    rate they were sampled at (frames per second of video)."""
 
     frames: np.ndarray
     indices: list[int]
     timestamps: list[float]
     info: VideoInfo = field(repr=False)
+    sample_fps: float = 0.0
+
+
+@dataclass(frozen=True)
+class FpsSampling:
+    """The eagle_2_5_vl processor's frame choice (Qwen2.5-VL's rule): `fps` frames per second
+    of video within [min_frames, the cap], an even count, spread by
+    round(linspace(0, total - 1, n)). `requested` (the caller's count) replaces the fps
+    rule, rounded to even."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    requested: int = 0
+
+
+_FACTOR = 2  # the processor's frame counts are multiples of this
+
+
+def fps_frame_count(total_frames: int, video_fps: float, cap: int,
+                    sampling: FpsSampling = FpsSampling()) -> int:
+    """How many frames the processor samples from `total_frames` at `video_fps`, at most
+    `cap`. Raises ValueError when fewer than 2 frames can be taken."""
+    ceiling = min(cap, total_frames) // _FACTOR * _FACTOR
+    if sampling.requested:
+        n = min(round(sampling.requested / _FACTOR) * _FACTOR, ceiling)
+    else:
+        least = math.ceil(sampling.min_frames / _FACTOR) * _FACTOR
+        n = total_frames / video_fps * sampling.fps
+        n = min(max(n, least), ceiling, total_frames)
+        n = int(n // _FACTOR * _FACTOR)
+    if n < _FACTOR:
+        raise ValueError(f"{total_frames} frames (cap {cap}) leave fewer than {_FACTOR} to "
+                         f"sample")
+    return n
+
+
+def linspace_indices(total_frames: int, n: int) -> list[int]:
+    """round(linspace(0, total_frames - 1, n)) as torch computes it in float32 (the step in
+    float32, each point from the nearer end, rounded half to even), which the processor uses;
+    float64 arithmetic picks a different frame about a third of the time on long videos."""
+    if n == 1:
+        return [0]
+    end = float(total_frames - 1)
+    step = float(np.float32(end / (n - 1)))
+    i = np.arange(n, dtype=np.float64)
+    half = n // 2
+    points = np.where(i < half, step * i, end - step * (n - 1 - i)).astype(np.float32)
+    return np.round(points).astype(np.int64).tolist()
 
 
 def sample_indices(total_frames: int, num_frames: int) -> list[int]:
@@ -96,20 +145,34 @@ def probe_video(source: str | bytes, policy: VideoPolicy = VideoPolicy(),
 
 def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float = 0.0,
                  end_seconds: float = 0.0, size: int = 448,
-                 policy: VideoPolicy = VideoPolicy(), label: str = "video") -> DecodedVideo:
-    """Sample `num_frames` frames of [start_seconds, end_seconds) and decode them at size x size.
+                 policy: VideoPolicy = VideoPolicy(), label: str = "video",
+                 sampling: FpsSampling | None = None) -> DecodedVideo:
+    """Sample frames of [start_seconds, end_seconds) and decode them at size x size.
 
-    `source` is a path or the encoded bytes. Frames are decoded by seeking to the keyframe
-    before each sampled frame, on up to `policy.threads` threads, and scaled to the model's
-    size by swscale (bicubic) straight from YUV. Raises MediaError on bad data or limits.
+    Without `sampling`: `num_frames` frames, segment middles (the Eagle2 worker's rule);
+    with it: the processor's fps rule, at most `num_frames`. `source` is a path or the
+    encoded bytes. Frames are decoded by seeking to the keyframe before each sampled frame,
+    on up to `policy.threads` threads, and scaled to the model's size by swscale (bicubic)
+    straight from YUV. Raises MediaError on bad data or limits.
     """
     if not 1 <= num_frames <= policy.max_frames:
         raise MediaError(f"{label}: {num_frames} frames requested, the limit is "
                          f"1 to {policy.max_frames}")
     info = probe_video(source, policy, label)
     first, last = _clip_range(info, start_seconds, end_seconds, label)
-    indices = [first + i for i in sample_indices(last - first + 1, num_frames)]
+    span = last - first + 1
+    if sampling is None:
+        picked = sample_indices(span, num_frames)
+    else:
+        try:
+            picked = linspace_indices(span, fps_frame_count(span, info.fps, num_frames,
+                                                            sampling))
+        except ValueError:
+            raise MediaError(f"{label}: the clip has {span} frame(s); at least 2 are needed "
+                             f"to sample it") from None
+    indices = [first + i for i in picked]
     times = [i / info.fps for i in indices]
+    sample_fps = len(indices) / span * info.fps
     deadline = time.monotonic() + policy.timeout_s
     chunks = _split(times, min(policy.threads, len(times)))
     budget = max(1, policy.max_decoded_frames // len(chunks))
@@ -123,7 +186,7 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
         with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
             parts = list(pool.map(work, chunks))
     frames = np.stack([f for part in parts for f in part])
-    return DecodedVideo(frames, indices, times, info)
+    return DecodedVideo(frames, indices, times, info, sample_fps)
 
 
 def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size: int,

@@ -64,11 +64,15 @@ class Limits:
     model_max_tiles: int = 12
 
     @classmethod
-    def from_settings(cls, s: Settings, model_max_tiles: int = 12) -> Limits:
+    def from_settings(cls, s: Settings, info=None) -> Limits:
+        """The settings' limits; frame limits the settings leave at 0 (and the tile default)
+        come from the engine's EngineInfo (the model's own)."""
+        most = s.max_video_frames or getattr(info, "max_video_frames", 64)
+        default = min(s.default_video_frames or getattr(info, "default_video_frames", 32), most)
         return cls(s.max_messages, s.max_parts, s.max_text_chars, s.max_images,
-                   s.max_image_bytes, s.max_tiles_per_image, s.max_videos, s.max_video_frames,
-                   s.default_video_frames, s.max_video_bytes, s.max_new_tokens,
-                   s.default_max_new_tokens, s.default_temperature, model_max_tiles)
+                   s.max_image_bytes, s.max_tiles_per_image, s.max_videos, most, default,
+                   s.max_video_bytes, s.max_new_tokens, s.default_max_new_tokens,
+                   s.default_temperature, getattr(info, "max_tiles_per_image", 12))
 
 
 def request_id(request: AnyChatRequest, metadata_id: str = "") -> str:

@@ -60,14 +60,18 @@ def build_engine(s: Settings):
     loaded = load_model(folder, s.device, s.dtype)
     media = MediaSettings(
         image=ImagePolicy(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels),
-        video=VideoPolicy(max_bytes=s.max_video_bytes, max_frames=s.max_video_frames,
+        # the decoder's own guard; the per-request limit is max_video_frames below
+        video=VideoPolicy(max_bytes=s.max_video_bytes, max_frames=max(s.max_video_frames, 512),
                           max_duration_s=s.max_video_seconds, timeout_s=s.video_timeout_s),
         refs=RefPolicy(media_roots=tuple(Path(r) for r in s.media_roots),
-                       max_file_bytes=s.max_video_bytes, allow_urls=s.allow_urls))
+                       max_file_bytes=s.max_video_bytes, allow_urls=s.allow_urls),
+        prompt_style=s.prompt_style, max_video_frames=s.max_video_frames,
+        default_video_frames=s.default_video_frames)
     return NativeEngine(loaded, EngineSettings(
         max_running=s.max_running, max_queue=s.max_queue, max_batch_tokens=s.max_batch_tokens,
         preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
-        video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media))
+        video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media),
+        context_length=s.context_length or None)
 
 
 class EngineProcess:

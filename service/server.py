@@ -98,7 +98,7 @@ class EagleServer:
         rpcs = settings.max_concurrent_rpcs or settings.max_running + settings.max_queue + 64
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings),
                                       maximum_concurrent_rpcs=rpcs)
-        limits = Limits.from_settings(settings, engine.info().max_tiles_per_image)
+        limits = Limits.from_settings(settings, engine.info())
         self.ledger = Ledger(settings.ledger_file) if settings.ledger_file else None
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
                                      {"max_request_bytes": settings.max_request_bytes},

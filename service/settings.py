@@ -18,6 +18,10 @@ class Settings:
     model: str = "tiny"
     device: str = "auto"  # auto, cpu, cuda, cuda:N (one process per GPU)
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32
+    context_length: int = 0  # 0: the config's max_position_embeddings (see README)
+    # the prompt and frame sampler for checkpoints that ship neither chat_template.json nor
+    # processor_config.json: auto (by layout), eagle2 (the worker's), eagle2.5 (the processor's)
+    prompt_style: str = "auto"
     cache_dir: str = ""
     # capacity
     max_running: int = 16
@@ -40,8 +44,8 @@ class Settings:
     max_image_pixels: int = 64_000_000
     max_tiles_per_image: int = 40
     max_videos: int = 4
-    max_video_frames: int = 64
-    default_video_frames: int = 32
+    max_video_frames: int = 0  # 0: the model's (64 for Eagle2, 256 for Eagle2.5)
+    default_video_frames: int = 0  # 0: the model's (32 for Eagle2, 256: its 2 fps rule)
     max_video_bytes: int = 512 * MiB
     max_video_seconds: float = 3 * 3600.0
     video_timeout_s: float = 60.0
@@ -113,6 +117,11 @@ class Settings:
                 raise ValueError(f"media root {root!r} is not a directory")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"--dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
+        if self.prompt_style not in ("auto", "eagle2", "eagle2.5"):
+            raise ValueError(f"--prompt-style {self.prompt_style!r}: use auto, eagle2 or "
+                             f"eagle2.5")
+        if self.max_video_frames and self.default_video_frames > self.max_video_frames:
+            raise ValueError("--default-video-frames is above --max-video-frames")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("--default-max-new-tokens is above --max-new-tokens")
 

@@ -66,7 +66,7 @@ def test_model_info(server) -> None:
         info = client.model_info()
     assert (info.model_name, info.model_type) == ("tiny-v1", "eagle_chat")
     assert info.tokens_per_tile == 256 and info.tile_size == 448
-    assert info.context_length == 16384 and info.device == "cpu float32"
+    assert info.context_length == 32768 and info.device == "cpu float32"
     assert info.max_request_bytes == 64 * 1024 * 1024
 
 

@@ -29,6 +29,9 @@ class EngineSettings:
     # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
     batch_invariant: bool | None = None
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, not invariant)
+    # Prompts longer than this many tokens are prefilled in chunks of it, one chunk between
+    # decode steps, so a 100K-token prompt does not stall every running stream; 0: never.
+    prefill_chunk: int = 4096
     media: MediaSettings = MediaSettings()
     grammar: GrammarSettings = GrammarSettings()
 

@@ -220,6 +220,9 @@ class EngineInfo:
     tile_size: int
     max_tiles_per_image: int
     device: str
+    prompt_style: str = "eagle2"  # eagle2 (the upstream worker's) or eagle2.5 (its processor's)
+    max_video_frames: int = 64  # the frame limits the engine's media stage enforces
+    default_video_frames: int = 32
 
 
 class ModelLoadError(Exception):

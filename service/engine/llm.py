@@ -127,7 +127,9 @@ class Decoder:
                      for ly in self.layers]
         self._gate_up = [_fuse([ly.mlp.gate_proj, ly.mlp.up_proj])[0] for ly in self.layers]
         self._step = _StepPlan([], 0, None)
-        self._spans: list[tuple[int, int, int]] = []  # packed prompts: (start, length, row)
+        # packed prompts: (start in the pass, length, KV row, first position); a first
+        # position above 0 continues a prompt already partly in its row (chunked prefill)
+        self._spans: list[tuple[int, int, int, int]] = []
         self._lin = _plain  # the projections' function for the pass being run
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA
 
@@ -167,17 +169,28 @@ class Decoder:
 
     def _attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         i: int) -> torch.Tensor:
-        """Causal attention within each packed prompt, whose keys also go to its KV row."""
+        """Causal attention within each packed prompt, whose keys also go to its KV row. A
+        chunk of a longer prompt (first position > 0) also sees the row's earlier keys."""
         outs = []
-        for start, n, row in self._spans:
+        gqa = self.heads != self.kv_heads
+        for start, n, row, offset in self._spans:
             qj, kj, vj = (t[:, :, start:start + n] for t in (q, k, v))
-            self.slots.k[i][row, :, :n] = kj[0]
-            self.slots.v[i][row, :, :n] = vj[0]
+            self.slots.k[i][row, :, offset:offset + n] = kj[0]
+            self.slots.v[i][row, :, offset:offset + n] = vj[0]
+            if offset:
+                keys = self.slots.k[i][row:row + 1, :, :offset + n].contiguous()
+                values = self.slots.v[i][row:row + 1, :, :offset + n].contiguous()
+                # query j (position offset + j) sees keys 0 .. offset + j
+                mask = torch.ones(n, offset + n, dtype=torch.bool,
+                                  device=q.device).tril(offset)
+                outs.append(F.scaled_dot_product_attention(
+                    qj.contiguous(), keys, values, attn_mask=mask, scale=self.scale,
+                    enable_gqa=gqa))
+                continue
             if len(self._spans) > 1 or self.invariant:  # the same strides alone or packed
                 qj, kj, vj = qj.contiguous(), kj.contiguous(), vj.contiguous()
             outs.append(F.scaled_dot_product_attention(
-                qj, kj, vj, is_causal=True, scale=self.scale,
-                enable_gqa=self.heads != self.kv_heads))
+                qj, kj, vj, is_causal=True, scale=self.scale, enable_gqa=gqa))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_batch(self, q: torch.Tensor, i: int) -> torch.Tensor:
@@ -281,9 +294,12 @@ class Decoder:
         return groups
 
     def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor,
-                prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+                prompts: list[tuple]) -> torch.Tensor:
         b = tokens.shape[0]
-        lengths = [e.shape[0] for e, _ in prompts]
+        # (embeddings, row) or (embeddings, row, first position) for a chunk
+        prompts = [(p[0], p[1], p[2] if len(p) > 2 else 0) for p in prompts]
+        lengths = [e.shape[0] for e, _, _ in prompts]
+        offsets = [o for _, _, o in prompts]
         if (b or len(prompts) > 1) and prompts and not self.can_pack():
             raise ValueError("a shared pass is not batch-invariant on several threads")
         device = self.slots.k[0].device
@@ -297,18 +313,19 @@ class Decoder:
         elif b and torch.get_num_threads() == 1:
             groups = self._groups(listed, positions)
             t = max(g.t for g in groups)
-        self.slots.reserve(max([t] + [n + 1 for n in lengths]))
+        self.slots.reserve(max([t] + [o + n + 1 for n, o in zip(lengths, offsets)]))
         self._step = _StepPlan(listed, t, mask, groups, torch.arange(b, device=device),
                                positions)
         starts = itertools.accumulate([b] + lengths[:-1])
-        self._spans = [(s, n, row) for s, n, (_, row) in zip(starts, lengths, prompts)]
+        self._spans = [(s, n, row, o) for s, n, (_, row, o) in zip(starts, lengths, prompts)]
         # In batch-invariant mode rows that share a pass must get the bits they get alone:
         # the one-thread `_linear`. A long prompt alone on several threads is alone by
         # construction and takes plain products.
         self._lin = self._linear if self.invariant and (b or self.can_pack()) else _plain
-        parts = ([self.body.embed_tokens(tokens)] if b else []) + [e for e, _ in prompts]
+        parts = ([self.body.embed_tokens(tokens)] if b else []) + [e for e, _, _ in prompts]
         x = (parts[0] if len(parts) == 1 else torch.cat(parts))[None]  # (1, L, hidden)
-        pos = torch.cat([positions] + [torch.arange(n, device=device) for n in lengths])
+        pos = torch.cat([positions] + [torch.arange(o, o + n, device=device)
+                                       for n, o in zip(lengths, offsets)])
         cos, sin = self.body.rotary_emb(x, pos[None])
         for i, layer in enumerate(self.layers):
             x = self._attend(layer, x, cos, sin, i)
@@ -326,7 +343,7 @@ class Decoder:
         b = tokens.shape[0]
         h = self._hidden(tokens, positions, list(prompts))
         if prompts:
-            ends = list(itertools.accumulate([b] + [e.shape[0] for e, _ in prompts]))[1:]
+            ends = list(itertools.accumulate([b] + [p[0].shape[0] for p in prompts]))[1:]
             pick = torch.tensor(list(range(b)) + [e - 1 for e in ends], device=h.device)
             h = h[pick]
         if self.invariant:
@@ -348,6 +365,11 @@ class Decoder:
     def prefill_many(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
         """Prompts (embeddings, KV row) in one pass: logits of each last position (J, vocab)."""
         return self.forward(*self._none(), prompts)
+
+    def prefill_chunk(self, embeds: torch.Tensor, row: int, offset: int) -> torch.Tensor:
+        """Positions offset .. offset + n - 1 of a prompt whose earlier positions are already
+        in row `row` (chunked prefill): logits of the chunk's last position (vocab,)."""
+        return self.forward(*self._none(), [(embeds, row, offset)])[0]
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
                     longest: int | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ import hashlib
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from preprocess.errors import ContextOverflow, PreprocessError
 from preprocess.media import ImagePolicy, OpenedImage, open_image
 from service.engine import prompt as pr
 from service.engine.job import ChatJob, ImagePart, Stage, VideoPart, timed
+from service.engine.processor_prompt import SampledVideo
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class MediaSettings:
     refs: refs.RefPolicy = refs.RefPolicy()
     min_video_frames: int = 4
     norm: str = "siglip"
+    prompt_style: str = "auto"  # auto, eagle2, eagle2.5 (processor_prompt.resolve_style)
+    # frames per video at most, and when the request names none; 0: the style's own
+    # (processor_prompt.FRAME_LIMITS: 64 and 32 for Eagle2, 256 and 256 for Eagle2.5)
+    max_video_frames: int = 0
+    default_video_frames: int = 0
 
 
 @dataclass
@@ -60,14 +66,15 @@ class Preparer:
     """Everything between a ChatJob and token ids: needs the tokenizer and model config only."""
 
     def __init__(self, tokenizer, cfg, context_length: int, settings: MediaSettings,
-                 decode_video=vid.decode_video) -> None:
+                 decode_video=vid.decode_video, style=None) -> None:
         self.cfg = cfg
         self.decode_video = decode_video  # in process, or VideoDecoderPool.decode
         self.settings = settings
         self.context_length = context_length
+        self.style = style or pr.WorkerPrompt()  # the checkpoint's prompt and frame sampler
         self.tokens = pr.PromptTokenizer(tokenizer, cfg.image_token_index)
         self.per_tile = cfg.patch_tokens
-        worst = "Frame 9999 sampled at 99999.99 seconds: \n"
+        worst = self.style.worst_frame_line
         self.frame_line_tokens = len(tokenizer(worst, add_special_tokens=False)["input_ids"]) + 2
 
     def __call__(self, job: ChatJob, stages: list[Stage] | None = None) -> Prepared:
@@ -92,8 +99,8 @@ class Preparer:
             video_keys = [_content_key(src) for src in sources]
             wanted = [min(p.num_frames or job.vision.max_video_frames,
                           job.vision.max_video_frames) for p in videos]
-            skeleton = pr.conversation(job.messages, [[] for _ in videos],
-                                       timestamps=job.vision.frame_timestamps)
+            skeleton = self.style.conversation(job.messages, [SampledVideo([]) for _ in videos],
+                                               timestamps=job.vision.frame_timestamps)
             text_tokens = self.tokens.count_text(skeleton)
             cap = job.vision.max_tiles_per_image if self.cfg.dynamic_image_size else 1
             try:
@@ -113,8 +120,9 @@ class Preparer:
                        in enumerate(zip(videos, sources, plan.video_frames))]
             per_image = [self._tile(o, c, p, stages)
                          for o, c, p in zip(opened, plan.tile_caps, images)]
-        segments = pr.conversation(job.messages, [d.timestamps for d in decoded],
-                                   timestamps=job.vision.frame_timestamps)
+        segments = self.style.conversation(
+            job.messages, [SampledVideo(d.timestamps, d.sample_fps) for d in decoded],
+            timestamps=job.vision.frame_timestamps)
         counts = [t.shape[0] for t in per_image]
         ids = self.tokens.encode(segments, counts, self.per_tile)
         if len(ids) + job.sampling.max_new_tokens > self.context_length:
@@ -140,6 +148,8 @@ class Preparer:
     def _decode_video(self, k: int, part: VideoPart, source: str | bytes, frames: int,
                       deadline: float | None, stages: list[Stage] | None) -> vid.DecodedVideo:
         extra = {} if self.decode_video is vid.decode_video else {"deadline": deadline}
+        if self.style.sampling is not None:  # the processor's rule; the caller's count if set
+            extra["sampling"] = replace(self.style.sampling, requested=part.num_frames)
         with timed(stages, "eagle.media.decode", "eagle.preprocess", **{
                 "eagle.media": f"video {k + 1}", "eagle.frames": frames}):
             return _labelled(part, lambda: self.decode_video(

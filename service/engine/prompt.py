@@ -90,7 +90,18 @@ def conversation(messages: tuple[ChatMessage, ...] | list[ChatMessage],
                 video_idx += 1
         segs.append(Template(f"{IM_END}\n"))
     segs.append(Template(f"{IM_START}assistant\n"))
-    return _merge(segs)
+    return merge_templates(segs)
+
+
+class WorkerPrompt:
+    """The upstream Eagle2 worker's prompt (eagle_chat checkpoints) behind the interface the
+    media stage uses for both styles; its frame sampler is the worker's (segment middles)."""
+
+    worst_frame_line = "Frame 9999 sampled at 99999.99 seconds: \n"
+    sampling = None
+
+    def conversation(self, messages, videos, *, timestamps: bool = True) -> list[Segment]:
+        return conversation(messages, [list(v.times) for v in videos], timestamps=timestamps)
 
 
 def render(segments: list[Segment], image_tiles: list[int], tokens_per_tile: int = 256) -> str:
@@ -153,7 +164,7 @@ def _count_images(segments: list[Segment]) -> int:
     return sum(1 for s in segments if isinstance(s, Slot) and s.image >= 0)
 
 
-def _merge(segs: list[Segment]) -> list[Segment]:
+def merge_templates(segs: list[Segment]) -> list[Segment]:
     """Join neighbouring template pieces so they are tokenised together, as one string is."""
     out: list[Segment] = []
     for seg in segs:

@@ -37,6 +37,7 @@ from service.engine.job import (
 from service.engine.llm import Decoder
 from service.engine.loader import LoadedModel
 from service.engine.prepare import Prepared, Preparer
+from service.engine.processor_prompt import FRAME_LIMITS, make_style, resolve_style
 from service.engine.sampling import Sampler, logprobs_of
 from service.engine.stream import JobStream, Outbox, Sink
 from service.engine.vision import VisionCache, VisionEncoder
@@ -69,6 +70,17 @@ class _Running:
     finished: bool = field(default=False)
 
 
+@dataclass
+class _Chunked:
+    """A long prompt being prefilled a chunk at a time into the engine's spare KV row."""
+
+    run: _Running
+    embeds: torch.Tensor  # (prompt, hidden)
+    done: int = 0  # positions already in the KV row
+    chunks: int = 0
+    start_ns: int = 0
+
+
 class NativeEngine:
     """Eagle2 on transformers' modules with continuous batching in one engine thread."""
 
@@ -78,9 +90,13 @@ class NativeEngine:
         self.lm = loaded
         self.settings = settings
         tok = loaded.tokenizer
-        self.context_length = int(context_length or min(
-            getattr(tok, "model_max_length", 0) or 1 << 30,
-            loaded.cfg.text.max_position_embeddings))
+        self.context_length = context_window(loaded.cfg, context_length)
+        self.prompt_style = resolve_style(loaded.folder, loaded.cfg.model_type,
+                                          settings.media.prompt_style)
+        most, default = FRAME_LIMITS[self.prompt_style]
+        self.max_video_frames = settings.media.max_video_frames or most
+        self.default_video_frames = min(settings.media.default_video_frames or default,
+                                        self.max_video_frames)
         self.video_pool = None
         decode = None
         if settings.video_workers:
@@ -91,7 +107,8 @@ class NativeEngine:
                                                settings.video_memory_mb)
             decode = self.video_pool.decode
         self.prepare = Preparer(tok, loaded.cfg, self.context_length, settings.media,
-                                **({"decode_video": decode} if decode else {}))
+                                **({"decode_video": decode} if decode else {}),
+                                style=make_style(self.prompt_style, tok, loaded.folder))
         self.image_token_id = self.prepare.tokens.img_context
         stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
         self.stop_ids = {i for i in stops if i is not None and i != tok.unk_token_id}
@@ -102,7 +119,10 @@ class NativeEngine:
         invariant = settings.batch_invariant
         if invariant is None:
             invariant = loaded.device.type == "cpu"
-        self.decoder = Decoder(loaded.model.language_model, settings.max_running, invariant)
+        # one row beyond the batch: where a chunked prefill builds its keys and values
+        self.decoder = Decoder(loaded.model.language_model, settings.max_running + 1, invariant)
+        self._spare_row = settings.max_running
+        self._chunking: _Chunked | None = None
         if loaded.device.type == "cuda" and not invariant and settings.cuda_graphs:
             self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running)
         # Decode steps and short prompts of a small model on CPU are too short to share among
@@ -164,13 +184,15 @@ class NativeEngine:
         dev = self.lm.device
         return EngineInfo(self.lm.name, self.lm.cfg.model_type, self.context_length,
                           self.lm.cfg.patch_tokens, self.lm.cfg.image_size,
-                          self.lm.cfg.max_tiles, f"{dev.type} {str(self.lm.dtype)[6:]}")
+                          self.lm.cfg.max_tiles, f"{dev.type} {str(self.lm.dtype)[6:]}",
+                          self.prompt_style, self.max_video_frames, self.default_video_frames)
 
     def stats(self) -> dict[str, int]:
         with self._cv:
             cache = self.vision_cache
             return {"in_flight": self._in_flight, "waiting": len(self._waiting),
                     "running": len(self._running), "steps": self.steps,
+                    "prefilling": int(self._chunking is not None),
                     "vision_cache_hits": cache.hits if cache is not None else 0,
                     "vision_cache_misses": cache.misses if cache is not None else 0}
 
@@ -224,11 +246,11 @@ class NativeEngine:
             torch.cuda.set_device(self.lm.device)
         while True:
             with self._cv:
-                idle = not (self._waiting or self._running or self._stop)
-                while not (self._waiting or self._running or self._stop):
+                idle = not self._has_work()
+                while not self._has_work():
                     if not self._cv.wait(timeout=_IDLE_RELEASE_S) and idle:
                         break  # idle for a while: give memory back, outside the lock
-                if idle and not (self._waiting or self._running or self._stop):
+                if idle and not self._has_work():
                     admitted = None
                 else:
                     admitted = [] if self._stop else self._admit()
@@ -242,6 +264,9 @@ class NativeEngine:
                 if admitted:
                     self._prefill(admitted)
                     self._outbox.flush()  # first tokens out now, not after the batch's step
+                if self._chunking is not None:  # one chunk of a long prompt per iteration
+                    self._prefill_next_chunk()
+                    self._outbox.flush()
                 self._reap()
                 if self._running:
                     self._step()
@@ -250,18 +275,35 @@ class NativeEngine:
                 for r in self._running:
                     self._end(r.stream, _as_engine_error(exc))
                 self._running.clear()
+                if self._chunking is not None:
+                    self._end(self._chunking.run.stream, _as_engine_error(exc))
+                    self._chunking = None
             finally:
                 self._busy_since = None
                 self._outbox.flush()
 
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._chunking or self._stop)
+
+    def _long(self, prep: Prepared) -> bool:
+        """Prefilled in chunks (see EngineSettings.prefill_chunk)."""
+        return 0 < self.settings.prefill_chunk < len(prep.ids)
+
     def _admit(self) -> list[tuple[JobStream, Prepared, float]]:
-        """Pop waiting jobs that fit the batch-size cap and the token budget (lock held)."""
+        """Pop waiting jobs that fit the batch-size cap and the token budget (lock held), in
+        order; a long prompt waits while another is being prefilled in chunks."""
         out = []
-        budget = sum(r.prep.job.sampling.max_new_tokens + len(r.prep.ids) for r in self._running)
-        while self._waiting and len(self._running) + len(out) < self.settings.max_running:
+        holding = [c.run for c in (self._chunking,) if c is not None]
+        budget = sum(r.prep.job.sampling.max_new_tokens + len(r.prep.ids)
+                     for r in self._running + holding)
+        while (self._waiting and len(self._running) + len(holding) + len(out)
+               < self.settings.max_running):
             stream, prep, t = self._waiting[0]
+            if self._long(prep) and (holding or any(self._long(p) for _, p, _ in out)):
+                break
             need = len(prep.ids) + prep.job.sampling.max_new_tokens
-            if (self._running or out) and budget + need > self.settings.max_batch_tokens:
+            if (self._running or holding or out) and \
+                    budget + need > self.settings.max_batch_tokens:
                 break
             self._waiting.popleft()
             budget += need
@@ -312,7 +354,14 @@ class NativeEngine:
                 self._end(stream, _as_engine_error(exc))
                 if isinstance(exc, torch.OutOfMemoryError):
                     self._free_cached_memory()
-        for pack, many in self._packs(ready):
+        short = []
+        for run, embeds in ready:
+            if self._long(run.prep):  # chunk by chunk, between decode steps
+                self._chunking = _Chunked(run, embeds, start_ns=time.time_ns())
+                run.length = 0
+            else:
+                short.append((run, embeds))
+        for pack, many in self._packs(short):
             self._prefill_pack(pack, many)
         self._compact()
 
@@ -358,24 +407,56 @@ class NativeEngine:
             for run, _ in pack:
                 self._end(run.stream, _as_engine_error(exc))
             return
-        t_first, first_ns = time.monotonic(), time.time_ns()
-        for j, (run, _) in enumerate(pack):
-            run.t_first, run.first_ns = t_first, first_ns
-            if run.stream.stages is not None:
-                run.stream.stages.append(Stage("eagle.prefill", start_ns, first_ns, (
-                    ("eagle.prompt_tokens", run.length), ("eagle.packed_prompts", len(pack)))))
-            self._running.append(run)  # row base + j, where its keys were written
-            try:
-                allowed = None
-                if run.constraint is not None:
-                    bitmask = self.grammars.new_bitmask(1)
-                    self.grammars.fill([run.constraint], bitmask)
-                    run.constraint.check()
-                    allowed = self.grammars.allowed(bitmask[0].to(logits.device))
-                self._accept(run, *run.sampler(logits[j], run.seen, allowed))
-            except Exception as exc:
-                run.finished = True
-                self._end(run.stream, _as_engine_error(exc))
+        for j, (run, _) in enumerate(pack):  # row base + j, where its keys were written
+            self._started(run, logits[j], start_ns, (("eagle.packed_prompts", len(pack)),))
+
+    def _started(self, run: _Running, logits: torch.Tensor, start_ns: int,
+                 attrs: tuple = ()) -> None:
+        """A prompt is in its KV row: join the running batch, take the first token."""
+        run.t_first, run.first_ns = time.monotonic(), time.time_ns()
+        if run.stream.stages is not None:
+            run.stream.stages.append(Stage("eagle.prefill", start_ns, run.first_ns, (
+                ("eagle.prompt_tokens", run.length), *attrs)))
+        self._running.append(run)
+        try:
+            allowed = None
+            if run.constraint is not None:
+                bitmask = self.grammars.new_bitmask(1)
+                self.grammars.fill([run.constraint], bitmask)
+                run.constraint.check()
+                allowed = self.grammars.allowed(bitmask[0].to(logits.device))
+            self._accept(run, *run.sampler(logits, run.seen, allowed))
+        except Exception as exc:
+            run.finished = True
+            self._end(run.stream, _as_engine_error(exc))
+
+    def _prefill_next_chunk(self) -> None:
+        """One chunk of the long prompt into the spare row; the last one moves the row into
+        the batch and takes the first token. Cancels and deadlines apply between chunks."""
+        c = self._chunking
+        run = c.run
+        if self._drop_if_gone(run.stream):
+            self._chunking = None
+            return
+        total = len(run.prep.ids)
+        a, b = c.done, min(c.done + self.settings.prefill_chunk, total)
+        self._threads(True)
+        try:
+            logits = self.decoder.prefill_chunk(c.embeds[a:b], self._spare_row, a)
+        except Exception as exc:  # out of memory, or a bug: this job alone fails
+            self._chunking = None
+            self._end(run.stream, _as_engine_error(exc))
+            if isinstance(exc, torch.OutOfMemoryError):
+                self._free_cached_memory()
+            return
+        c.done, c.chunks = b, c.chunks + 1
+        if b < total:
+            return
+        self._chunking = None
+        run.length = total
+        self.decoder.slots.move(self._spare_row, len(self._running), total)
+        self._started(run, logits, c.start_ns, (("eagle.prefill_chunks", c.chunks),))
+        self._compact()
 
     def _step(self) -> None:
         rows = self._running
@@ -569,6 +650,30 @@ class NativeEngine:
             stream.finish(outcome, outbox)
         else:
             stream.fail(outcome, outbox)
+
+
+# Eagle 2.5 was trained to 128K tokens with plain RoPE although its config may say 32K
+# (shared/reference/eagle-family.md); the legacy layout's window is its config's.
+TRAINED_CONTEXT = {"eagle_2_5_vl": 131_072}
+
+
+def context_window(cfg, requested: int | None = None) -> int:
+    """The context window: the config's max_position_embeddings, or `requested`, which may
+    exceed it up to what the model family was trained for (logged); beyond that refused."""
+    configured = int(cfg.text.max_position_embeddings)
+    if not requested:
+        return configured
+    limit = max(configured, TRAINED_CONTEXT.get(cfg.model_type, configured))
+    if requested > limit:
+        from service.engine.job import ModelLoadError
+
+        raise ModelLoadError(f"--context-length {requested:,} is over what this model was "
+                             f"trained for ({limit:,} tokens)")
+    if requested > configured:
+        log.warning("context length raised to %d tokens, beyond the config's "
+                    "max_position_embeddings of %d (this model family was trained to %d)",
+                    requested, configured, limit)
+    return int(requested)
 
 
 def _as_engine_error(exc: BaseException) -> EngineError:
