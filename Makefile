@@ -3,10 +3,11 @@ PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 50051
 MODEL ?= tiny
-# The torch the server extra asks for when none is installed. The range admits
-# the CPU build that lies on this project's machines; an installed torch that
-# satisfies `torch>=2.4` (the server extra) is kept as it is.
-TORCH_SPEC ?= torch>=2.4,<2.14
+# The torch and torchvision installed when they are not both importable: the pair that lies
+# on this project's machines (a CUDA build that runs on the CPU too). torchvision is needed
+# by timm (Eagle2-9B's ConvNeXt tower), and PyPI's torchvision does not load beside the
+# CPU-only torch file that is also on disk. An installed pair is kept as it is.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROTO_SRC := protos/eagle/v1/chat.proto
 # The Buf CLI (the dev extra's buf-bin) lints the contract and guards it against breaking
 # changes; the baseline is the contract as released, updated only by `make proto-baseline`.
@@ -37,7 +38,7 @@ help:
 
 install:
 	$(PYTHON) -m pip install --upgrade pip
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_SPEC)
 	$(PYTHON) -m pip install -e ".[server,dev]"
 
 protos:

@@ -153,9 +153,11 @@ def test_a_damaged_checkpoint_fails_naming_the_key(tiny_dir, tmp_path) -> None:
 
 
 def test_unsupported_layouts_are_refused_clearly() -> None:
-    with pytest.raises(ModelLoadError, match="'MOB'.*not supported yet"):
+    with pytest.raises(ModelLoadError, match="vision_config.model_type 'clip_vision_model' is "
+                                             "not supported; expected 'siglip_vision_model' "
+                                             "or 'MOB'"):
         parse_config({"model_type": "eagle_chat", "llm_config": {},
-                      "vision_config": {"model_type": "MOB"}})
+                      "vision_config": {"model_type": "clip_vision_model"}})
     with pytest.raises(ModelLoadError, match="model_type 'llava' is not an Eagle2 layout"):
         parse_config({"model_type": "llava"})
 

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig, SiglipVisionConfig
 
 from service.engine.job import ModelLoadError
+from service.engine.mob import MobConfig, parse_mob
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EagleConfig:
     mlp_connector_layers: int = 2
     use_pixel_shuffle: bool = True
     tie_word_embeddings: bool = False
+    mob: MobConfig | None = None  # Eagle2-9B's SigLIP + ConvNeXt towers (else SigLIP alone)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -42,7 +44,7 @@ class EagleConfig:
     @property
     def projector_in(self) -> int:
         factor = int(round(1 / self.downsample_ratio)) ** 2 if self.use_pixel_shuffle else 1
-        return self.vision.hidden_size * factor
+        return self.vision.hidden_size * factor + (self.mob.width if self.mob else 0)
 
 
 def read_config(folder: Path) -> EagleConfig:
@@ -68,12 +70,12 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> EagleConfi
                              f"expected 'eagle_chat' or 'eagle_2_5_vl'")
     vision_raw = dict(raw.get("vision_config") or {})
     vision_type = str(vision_raw.get("model_type", ""))
-    if vision_type.startswith("MOB"):
-        raise ModelLoadError(f"{source}: the SigLIP+ConvNeXt ('MOB') vision tower of Eagle2-9B is "
-                             f"not supported yet; Eagle2-1B, Eagle2-2B and Eagle2.5-8B are")
-    if vision_type != "siglip_vision_model":
+    mob = None
+    if vision_type.startswith("MOB"):  # Eagle2-9B: SigLIP + ConvNeXt
+        vision_cfg, mob = parse_mob(vision_raw, int(raw.get("select_layer", -1)), source)
+    elif vision_type != "siglip_vision_model":
         raise ModelLoadError(f"{source}: vision_config.model_type {vision_type!r} is not "
-                             f"supported; expected 'siglip_vision_model'")
+                             f"supported; expected 'siglip_vision_model' or 'MOB'")
     if not isinstance(text_raw, dict):
         key = "llm_config" if model_type == "eagle_chat" else "text_config"
         raise ModelLoadError(f"{source}: {key} is missing")
@@ -84,8 +86,9 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> EagleConfi
         raise ModelLoadError(f"{source}: language model type {text_type!r} is not known to "
                              f"transformers") from None
     text_cfg.use_cache = True
-    vision_cfg = SiglipVisionConfig(**_config_kwargs(vision_raw))
-    vision_cfg.vision_use_head = False
+    if mob is None:
+        vision_cfg = SiglipVisionConfig(**_config_kwargs(vision_raw))
+        vision_cfg.vision_use_head = False
     tie = bool(raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False)))
     text_cfg.tie_word_embeddings = tie
     return EagleConfig(
@@ -104,6 +107,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> EagleConfi
         mlp_connector_layers=int(raw.get("mlp_connector_layers", 2)),
         use_pixel_shuffle=bool(raw.get("use_pixel_shuffle", True)),
         tie_word_embeddings=tie,
+        mob=mob,
         raw=raw,
     )
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -12,13 +13,16 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from service.engine import mob as mob_module
 from service.engine.config import EagleConfig, ModelLoadError, read_config
 from service.engine.model import Eagle2Model
 
 log = logging.getLogger(__name__)
 
-# Checkpoint tensors that exist in some releases and that inference never uses.
-_UNUSED = re.compile(r"^vision_model\.vision_model\.head\.")
+# Checkpoint tensors that exist in some releases and that inference never uses: SigLIP's
+# pooling head, and the towers' classifier heads of Eagle2-9B.
+_UNUSED = re.compile(r"^vision_model\.vision_model\."
+                     r"(vision_towers\.\d+\.vision_tower\.(vision_model\.)?)?head\.")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -40,10 +44,10 @@ class LoadedModel:
 
 def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     """`tiny`, a checkpoint folder, or a hub id already in the local cache -> a folder."""
-    if ref == "tiny":
+    if ref in ("tiny", "tiny-mob", "tiny-2.5"):
         from service.engine.tiny import ensure_tiny
 
-        return ensure_tiny(cache_dir)
+        return ensure_tiny(cache_dir, ref)
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
@@ -108,14 +112,29 @@ def build_empty(cfg: EagleConfig, attn: str = "sdpa") -> Eagle2Model:
         return Eagle2Model(cfg)
 
 
-def official_names(model: Eagle2Model) -> dict[str, str]:
+def official_names(model: Eagle2Model, keys=None) -> dict[str, str]:
     """Module parameter name -> the name the official checkpoints store it under.
 
     transformers 5 flattened SiglipVisionModel (no inner `vision_model.`); the checkpoints
-    keep the inner prefix, so it is put back here. Tied lm_head is left out.
+    keep the inner prefix, so it is put back here. Tied lm_head is left out. For Eagle2-9B's
+    two towers, the checkpoint's `keys` (when given) decide the tower order and the name of
+    ConvNeXt's layer scale.
     """
     names = {}
+    mob = model.cfg.mob
+    if mob is not None:
+        scale = "gamma"
+        if keys is not None:
+            order = mob_module.order_from_keys(keys, mob.order)
+            if order != mob.order:
+                log.warning("the checkpoint's keys put the towers in the order %s, its "
+                            "vision_path says %s: following the keys", order, mob.order)
+                mob = replace(mob, order=order)
+            scale = mob_module.layer_scale_name(keys, mob)
+        names = mob_module.official_mob_names(model, mob, scale)
     for name, _ in model.named_parameters():
+        if name in names:
+            continue
         if name.startswith("vision_model.") and not name.startswith("vision_model.vision_model."):
             names[name] = "vision_model." + name
         else:
@@ -142,7 +161,7 @@ def check_keys(model: Eagle2Model, shapes: dict[str, tuple[int, ...]]) -> dict[s
 
     Raises ModelLoadError naming every missing, unexpected or mis-shaped key.
     """
-    to_official = official_names(model)
+    to_official = official_names(model, shapes.keys())
     to_module = {v: k for k, v in to_official.items()}
     params = dict(model.named_parameters())
     present = {k for k in shapes if not _UNUSED.match(k)}
@@ -172,13 +191,15 @@ def load_model(folder: Path, device: str = "auto", dtype: str = "auto") -> Loade
     dev, dtype = pick_device(device, dtype)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # streams, graphs and allocations of this thread go there
-    model = build_empty(cfg, attention_backend(dev))
     files = checkpoint_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
+    sizes_from_tensors(cfg, shapes)
+    model = build_empty(cfg, attention_backend(dev))
+    check_memory(model, dev, dtype)  # before a byte of the weights is read
     to_module = check_keys(model, shapes)
     state = {}
     for file in files:  # tensors go straight to their device and dtype, shard by shard
@@ -199,6 +220,45 @@ def load_model(folder: Path, device: str = "auto", dtype: str = "auto") -> Loade
         raise ModelLoadError(f"{folder}: the tokenizer files cannot be read ({exc})") from None
     log.info("loaded %s (%s) on %s in %s", folder.name, cfg.model_type, dev, dtype)
     return LoadedModel(model, tokenizer, cfg, folder, dev, dtype)
+
+
+_EMBED = "language_model.model.embed_tokens.weight"
+
+
+def sizes_from_tensors(cfg: EagleConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The vocabulary from the embedding's rows: a finetune may resize it, and the 8B's config
+    and tokenizer can disagree with its tensors (shared/reference/eagle-family.md)."""
+    rows = shapes.get(_EMBED, (0,))[0]
+    if rows and rows != cfg.text.vocab_size:
+        log.warning("the checkpoint's embeddings have %d rows, its config says vocab_size %d: "
+                    "following the tensors", rows, cfg.text.vocab_size)
+        cfg.text.vocab_size = rows
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for the weights: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(model: Eagle2Model, device: torch.device, dtype: torch.dtype,
+                 headroom: float = 1.05) -> None:
+    """Refuse, before allocating, a model whose weights cannot fit the device, with sizes."""
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    need = params * torch.tensor([], dtype=dtype).element_size()
+    have = available_memory(device)
+    if need * headroom > have:
+        raise ModelLoadError(
+            f"the model needs {need / 2**30:.1f} GiB for its {params / 1e9:.2f}B parameters in "
+            f"{str(dtype)[6:]}, and {device} has {have / 2**30:.1f} GiB available; use a "
+            f"smaller dtype (--dtype bfloat16) or a device with more memory")
 
 
 def _few(items: list[str], n: int = 5) -> str:

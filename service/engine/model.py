@@ -6,6 +6,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, SiglipVisionModel
 
 from service.engine.config import EagleConfig
+from service.engine.mob import MobVision
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
@@ -38,7 +39,8 @@ class Eagle2Model(nn.Module):
     def __init__(self, cfg: EagleConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision_model = SiglipVisionModel(cfg.vision)
+        self.vision_model = (MobVision(cfg.vision, cfg.mob, pixel_shuffle) if cfg.mob
+                             else SiglipVisionModel(cfg.vision))
         self.mlp1 = build_projector(cfg)
         self.language_model = AutoModelForCausalLM.from_config(cfg.text)
 
@@ -48,6 +50,8 @@ class Eagle2Model(nn.Module):
 
     def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, 448, 448) normalised tiles -> (n, 256, hidden) LLM-space vision embeddings."""
+        if self.cfg.mob is not None:  # both towers: (n, 256, 4h + C)
+            return self.mlp1(self.vision_model.features(pixel_values))
         select = self.cfg.select_layer
         out = self.vision_model(pixel_values=pixel_values, output_hidden_states=select != -1)
         feats = out.last_hidden_state if select == -1 else out.hidden_states[select]

@@ -142,7 +142,10 @@ class Preparer:
                 key = (f"{video_keys[s.video]}|n={plan.video_frames[s.video]}|"
                        f"{v.start_seconds}-{v.end_seconds}")
                 groups.append(VisionGroup(key, decoded[s.video].frames))
-        return Prepared(job, ids, groups, sum(counts), sum(plan.video_frames), plan.adjustments,
+        # frames decoded: the plan's count for the worker's sampler, at most that for the
+        # processor's (2 fps)
+        frames = sum(len(d.timestamps) for d in decoded)
+        return Prepared(job, ids, groups, sum(counts), frames, plan.adjustments,
                         (time.perf_counter() - start) * 1000)
 
     def _decode_video(self, k: int, part: VideoPart, source: str | bytes, frames: int,

@@ -1,8 +1,13 @@
-"""The embedded `tiny` model: Eagle2's exact architecture and file layout, random weights.
+"""The embedded tiny models: Eagle's exact architectures and file layouts, random weights.
 
-Written deterministically on first use (fixed seed, tokenizer trained on a built-in text),
-then loaded through the same loader as a real checkpoint. It answers with nonsense; it
-exists so that the whole path runs anywhere without a download.
+`tiny` is Eagle2 in the legacy `eagle_chat` layout; `tiny-mob` the same with Eagle2-9B's
+SigLIP + ConvNeXt towers (a small ConvNeXt of the same module structure); `tiny-2.5` the
+`eagle_2_5_vl` layout with its processor's chat template and config (so it gets Eagle2.5's
+prompt and frame sampler), SigLIP `head.*` tensors and more embedding rows than its
+tokenizer has, as real checkpoints may. Written deterministically on first use (fixed seed,
+tokenizer trained on a built-in text), then loaded through the same loader as a real
+checkpoint. They answer with nonsense; they exist so that every path runs anywhere without a
+download.
 """
 from __future__ import annotations
 
@@ -43,15 +48,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("EAGLE_CACHE_DIR", Path.home() / ".cache" / "eagle-grpc"))
 
 
-def ensure_tiny(cache_dir: Path | None = None) -> Path:
-    """The tiny checkpoint folder, written on first use (atomically: build, then rename)."""
-    folder = (cache_dir or cache_root()) / VERSION
+def ensure_tiny(cache_dir: Path | None = None, variant: str = "tiny") -> Path:
+    """A tiny checkpoint folder (`variant` in VARIANTS), written on first use (atomically:
+    build, then rename)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny model {variant!r}; one of {', '.join(VARIANTS)}")
+    folder = (cache_dir or cache_root()) / VERSION.replace("tiny", variant, 1)
     if (folder / "model.safetensors").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
-        write_tiny(tmp)
+        VARIANTS[variant](tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process won the race; theirs is identical
@@ -59,7 +67,7 @@ def ensure_tiny(cache_dir: Path | None = None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote the tiny random-weight model to %s", folder)
+    log.info("wrote the %s random-weight model to %s", variant, folder)
     return folder
 
 
@@ -114,6 +122,63 @@ def tiny_config(vocab_size: int) -> dict:
 
 def write_tiny(folder: Path, seed: int = 0) -> None:
     """Write config, tokenizer and model.safetensors (official key names) into `folder`."""
+    _write(folder, tiny_config, seed)
+
+
+def mob_vision_config(siglip: dict) -> dict:
+    """Eagle2-9B's MOB vision_config at toy sizes (the ConvNeXt's shape given explicitly)."""
+    return {"model_type": "MOB", "vision_path": "MOB:palisiglip;convnext-1024",
+            "hidden_size": "lazy_calculation", "moe_version_type": "convnext_512_siglip_448",
+            "convnext_img_size": 512, "grid_size": 32, "normalize_type": "siglip",
+            "convnext_depths": [1, 1, 2, 1], "convnext_dims": [16, 24, 32, 48],
+            "siglip_vision_config": siglip}
+
+
+def write_tiny_mob(folder: Path, seed: int = 0) -> None:
+    """`tiny` with Eagle2-9B's two towers; ConvNeXt's layer scale stored as `weight`, as the
+    9B's own code names it, and its classifier head present (unused), as in the 9B."""
+    def config(vocab: int) -> dict:
+        raw = tiny_config(vocab)
+        raw["vision_config"] = mob_vision_config(raw["vision_config"])
+        return raw
+
+    def extra(model, tensors: dict) -> None:
+        from service.engine.mob import TOWER
+        tensors[TOWER.format(1) + "head.fc.weight"] = torch.zeros(10, 48)
+
+    _write(folder, config, seed, layer_scale_as="weight", extra=extra)
+
+
+def write_tiny_25(folder: Path, seed: int = 0) -> None:
+    """`tiny` in the `eagle_2_5_vl` layout with its processor's files."""
+    from service.engine.processor_prompt import BUILTIN_TEMPLATE
+
+    def config(vocab: int) -> dict:
+        legacy = tiny_config(vocab)
+        text = legacy.pop("llm_config")
+        return {**{k: v for k, v in legacy.items() if k not in (
+            "max_dynamic_patch", "min_dynamic_patch", "ps_version")},
+            "architectures": ["Eagle2_5_VLForConditionalGeneration"],
+            "model_type": "eagle_2_5_vl", "text_config": text, "max_dynamic_tiles": 12,
+            "min_dynamic_tiles": 1, "image_token_index": None}
+
+    def extra(model, tensors: dict) -> None:
+        # more embedding rows than the tokenizer has; SigLIP's pooling head, unused
+        embed = "language_model.model.embed_tokens.weight"
+        tensors[embed] = torch.cat([tensors[embed], torch.zeros(32, tensors[embed].shape[1])])
+        tensors["vision_model.vision_model.head.probe"] = torch.zeros(1, 1, 64)
+        tensors["vision_model.vision_model.head.mlp.fc1.weight"] = torch.zeros(128, 64)
+
+    _write(folder, config, seed, extra=extra)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": BUILTIN_TEMPLATE}))
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Eagle2_5_VLProcessor", "image_token": "<IMG_CONTEXT>",
+        "video_token": "<IMG_CONTEXT>", "image_start_token": "<img>",
+        "image_end_token": "</img>", "image_placeholder": "image",
+        "video_placeholder": "video", "tokens_per_tile": 256}, indent=2) + "\n")
+
+
+def _write(folder: Path, config, seed: int, layer_scale_as: str = "gamma", extra=None) -> None:
     from service.engine.config import parse_config
     from service.engine.loader import official_names
     from service.engine.model import Eagle2Model
@@ -121,7 +186,8 @@ def write_tiny(folder: Path, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     tokenizer.save_pretrained(str(folder))
-    raw = tiny_config(len(tokenizer))
+    raw = config(len(tokenizer))
+    raw = {k: v for k, v in raw.items() if v is not None}
     (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     torch.manual_seed(seed)
     model = Eagle2Model(parse_config(raw))
@@ -129,17 +195,27 @@ def write_tiny(folder: Path, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 1.0 if "embed" in name else 0.2)
+            elif name.endswith(".gamma"):  # ConvNeXt's layer scale: not timm's 1e-6 init
+                p.uniform_(0.5, 1.5)
     params = dict(model.named_parameters())
-    tensors = {official: params[name].detach().contiguous()
-               for name, official in official_names(model).items()}
+    tensors = {}
+    for name, official in official_names(model).items():
+        if official.endswith(".gamma"):  # ConvNeXt's layer scale, named as asked
+            official = official[: -len("gamma")] + layer_scale_as
+        tensors[official] = params[name].detach().contiguous()
+    if extra is not None:
+        extra(model, tensors)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}) + "\n")
 
 
+VARIANTS = {"tiny": write_tiny, "tiny-mob": write_tiny_mob, "tiny-2.5": write_tiny_25}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    folder = ensure_tiny()
-    print(folder)
+    for variant in VARIANTS:
+        print(ensure_tiny(variant=variant))
 
 
 if __name__ == "__main__":
