@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.common import machine, write_json
 
-SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet")
+SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet", "family")
 
 
 def main() -> None:
@@ -51,10 +51,14 @@ def main() -> None:
             from bench import structured_bench
 
             text, data = structured_bench.run(out)
-        else:
+        elif section == "fleet":
             from bench import fleet_bench
 
             text, data = fleet_bench.run(out)
+        else:
+            from bench import family_bench
+
+            text, data = family_bench.run(out)
         print(text)
         print(f"(JSON: {write_json(out, section, data)})\n")
 

@@ -75,6 +75,42 @@ def random_model(raw: dict, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval(), cfg
 
 
+def mob_tower(device: torch.device, dtype: torch.dtype, tiny: bool, tiles: int = 13) -> dict:
+    """Eagle2-9B's two towers (SigLIP-so400m + convnext_xxlarge; tiny shapes in the dry run),
+    random weights: ms for one 13-tile image through both, and through SigLIP alone."""
+    from service.engine.mob import MobVision, parse_mob
+    from service.engine.model import pixel_shuffle
+    from service.engine.tiny import mob_vision_config
+
+    siglip = tiny_config(1000)["vision_config"]
+    vision = mob_vision_config(siglip)
+    if not tiny:
+        siglip.update(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                      num_attention_heads=16)
+        del vision["convnext_depths"], vision["convnext_dims"]  # timm's convnext_xxlarge
+    scfg, mob = parse_mob(vision, -1, "bench")
+    tower = MobVision(scfg, mob, pixel_shuffle).to(device=device, dtype=dtype).eval()
+    pixels = torch.randn(tiles, 3, 448, 448, device=device, dtype=dtype)
+
+    def timed(fn) -> float:
+        with torch.inference_mode():
+            fn()
+            _sync(device)
+            samples = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                samples.append((time.perf_counter() - start) * 1000)
+        return statistics.median(samples)
+
+    both = timed(lambda: tower.features(pixels))
+    alone = timed(lambda: tower.siglip(pixel_values=pixels))
+    params = sum(p.numel() for p in tower.parameters())
+    del tower
+    return {"tiles": tiles, "both_towers_ms": both, "siglip_ms": alone, "params": params}
+
+
 def text_job(rid: str, tokens: int) -> ChatJob:
     return ChatJob(rid, (ChatMessage(Role.USER, (TextPart("Write a long story about a lighthouse "
                                                           "keeper and a storm."),)),),
@@ -235,12 +271,13 @@ def main() -> None:
             engine.decoder.graphs = graphs
     engine.drain(0)
     generate = plain_generate(lm, args.tokens)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    mob = mob_tower(device, dtype, args.tiny)  # after the reading: not the 1B engine's peak
     llm_bytes = sum(p.numel() * p.element_size() for n, p in model.language_model.named_parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bw = args.bandwidth or next((v for k, v in BANDWIDTH.items() if k in name), 0.0)
     bound = bw / llm_bytes if bw else float("nan")
     single = rows[0]["per_stream_decode_tokens_per_s"]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     by_batch = {r["batch"]: r for r in rows}
     result = {
         "machine": machine(), "device": name, "vocabulary": vocab_note, "llm_bytes": llm_bytes,
@@ -255,7 +292,7 @@ def main() -> None:
                               if eager_rows else None),
         "graphs": ({"captured": graphs.captured, "replayed": graphs.replayed}
                    if graphs is not None else None),
-        "peak_gpu_memory_bytes": peak}
+        "peak_gpu_memory_bytes": peak, "mob_tower": mob}
     print(f"Device: {name}; LLM weights {llm_bytes / 1e9:.2f} GB in {str(dtype)[6:]}; "
           f"{vocab_note}; bandwidth bound {bound:.0f} tok/s; peak GPU memory "
           f"{peak / 2**30:.1f} GiB\n")
@@ -264,7 +301,10 @@ def main() -> None:
           f"{b['media.decode']:.0f} + tiling {b['tiling']:.0f} (preprocess {b['preprocess']:.0f})"
           f" + queue {b['queue']:.0f} + vision {b['vision']:.0f} + prefill {b['prefill']:.0f} ms")
     print(f"TTFT over gRPC: 4032x3024 JPEG {grpc_image['ttft_ms']:.0f} ms; 32 video frames "
-          f"{grpc_video['ttft_ms']:.0f} ms\n")
+          f"{grpc_video['ttft_ms']:.0f} ms")
+    print(f"Eagle2-9B's towers{' (tiny shapes)' if args.tiny else ''}, "
+          f"{mob['params'] / 1e9:.2f}B parameters, {mob['tiles']} tiles: both "
+          f"{mob['both_towers_ms']:.0f} ms, SigLIP alone {mob['siglip_ms']:.0f} ms\n")
     eager_by = {r["batch"]: r for r in eager_rows}
     print(table("Decode", ["batch", "aggregate tok/s", "per-stream tok/s", "TTFT p50 ms",
                            "vs generate() 1 stream", "eager per-stream tok/s"],

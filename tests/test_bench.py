@@ -32,6 +32,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert "6 skipped" in tests_log or "passed" in tests_log
     bench_log = (tmp_path / "gpu-bench.log").read_text()
     for line in ("One 13-tile image in process:", "TTFT over gRPC: 4032x3024 JPEG",
+                 "Eagle2-9B's towers (tiny shapes)",
                  "plain transformers generate()", "the same engine without CUDA graphs: batch 1",
                  "### Targets (H200, Eagle2-1B shapes): a CPU dry run"):
         assert line in bench_log, line

@@ -131,6 +131,7 @@ class Decoder:
         # position above 0 continues a prompt already partly in its row (chunked prefill)
         self._spans: list[tuple[int, int, int, int]] = []
         self._lin = _plain  # the projections' function for the pass being run
+        self._chunk_mask: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -180,11 +181,8 @@ class Decoder:
             if offset:
                 keys = self.slots.k[i][row:row + 1, :, :offset + n].contiguous()
                 values = self.slots.v[i][row:row + 1, :, :offset + n].contiguous()
-                # query j (position offset + j) sees keys 0 .. offset + j
-                mask = torch.ones(n, offset + n, dtype=torch.bool,
-                                  device=q.device).tril(offset)
                 outs.append(F.scaled_dot_product_attention(
-                    qj.contiguous(), keys, values, attn_mask=mask, scale=self.scale,
+                    qj.contiguous(), keys, values, attn_mask=self._chunk_mask, scale=self.scale,
                     enable_gqa=gqa))
                 continue
             if len(self._spans) > 1 or self.invariant:  # the same strides alone or packed
@@ -318,6 +316,18 @@ class Decoder:
                                positions)
         starts = itertools.accumulate([b] + lengths[:-1])
         self._spans = [(s, n, row, o) for s, n, (_, row, o) in zip(starts, lengths, prompts)]
+        # A chunk (first position o > 0) attends over its row's o earlier keys and its own n,
+        # causally: query j sees keys 0 .. o + j. An additive mask in the model's dtype, made
+        # once for every layer (on CPU a boolean one costs twice the attention itself).
+        self._chunk_mask = None
+        chunk = [(n, o) for n, o in zip(lengths, offsets) if o]
+        if chunk:
+            if len(prompts) > 1:
+                raise ValueError("a prompt chunk is prefilled in a pass of its own")
+            n, o = chunk[0]
+            blocked = torch.ones(n, o + n, dtype=torch.bool, device=device).triu_(o + 1)
+            self._chunk_mask = torch.zeros(n, o + n, dtype=self.slots.k[0].dtype,
+                                           device=device).masked_fill_(blocked, float("-inf"))
         # In batch-invariant mode rows that share a pass must get the bits they get alone:
         # the one-thread `_linear`. A long prompt alone on several threads is alone by
         # construction and takes plain products.

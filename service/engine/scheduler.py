@@ -40,7 +40,7 @@ from service.engine.prepare import Prepared, Preparer
 from service.engine.processor_prompt import FRAME_LIMITS, make_style, resolve_style
 from service.engine.sampling import Sampler, logprobs_of
 from service.engine.stream import JobStream, Outbox, Sink
-from service.engine.vision import VisionCache, VisionEncoder
+from service.engine.vision import VisionCache, VisionEncoder, VisionSteps
 from service.runtime import trim_malloc
 
 __all__ = ["EngineSettings", "NativeEngine"]  # EngineSettings re-exported for callers
@@ -72,10 +72,12 @@ class _Running:
 
 @dataclass
 class _Chunked:
-    """A long prompt being prefilled a chunk at a time into the engine's spare KV row."""
+    """A long prompt being prefilled a step at a time: its vision features a slice of tiles
+    per step, then its prompt a chunk per step into the engine's spare KV row."""
 
     run: _Running
-    embeds: torch.Tensor  # (prompt, hidden)
+    vision: VisionSteps
+    embeds: torch.Tensor | None = None  # (prompt, hidden), once the vision is done
     done: int = 0  # positions already in the KV row
     chunks: int = 0
     start_ns: int = 0
@@ -322,7 +324,13 @@ class NativeEngine:
                 stream.stages.append(Stage("eagle.queue", prep.ready_ns, now_ns))
             if self._drop_if_gone(stream):
                 continue
+            if self._long(prep):  # vision and prefill step by step, between decode steps
+                self._chunking = _Chunked(self._new_run(stream, prep, t_submit, now, 0),
+                                          VisionSteps(self.vision, prep), start_ns=now_ns)
+                continue
             live.append((stream, prep, t_submit))
+        if not live:
+            return
         try:
             self._threads(any(p.image_tiles or p.video_frames for _, p, _ in live))
             vision = self.vision.encode([p for _, p, _ in live])
@@ -341,29 +349,24 @@ class NativeEngine:
             try:
                 if self.fault_hook:
                     self.fault_hook("prefill", prep)
-                job = stream.job
-                ids = torch.tensor(prep.ids, device=self.lm.device)
-                embeds = self.lm.model.embed(ids, feats, self.image_token_id)
-                run = _Running(stream, prep, Sampler(job.sampling, self.vocab_limit,
-                                                     self.lm.device),
-                               TextAssembler(self.lm.tokenizer, job.sampling.stop), ids,
-                               prep.constraint, length=len(prep.ids), cached_tiles=cached,
-                               t_submit=t_submit, t_admit=now)
-                ready.append((run, embeds))
+                run = self._new_run(stream, prep, t_submit, now, cached)
+                ready.append((run, self.lm.model.embed(run.seen, feats, self.image_token_id)))
             except Exception as exc:
                 self._end(stream, _as_engine_error(exc))
                 if isinstance(exc, torch.OutOfMemoryError):
                     self._free_cached_memory()
-        short = []
-        for run, embeds in ready:
-            if self._long(run.prep):  # chunk by chunk, between decode steps
-                self._chunking = _Chunked(run, embeds, start_ns=time.time_ns())
-                run.length = 0
-            else:
-                short.append((run, embeds))
-        for pack, many in self._packs(short):
+        for pack, many in self._packs(ready):
             self._prefill_pack(pack, many)
         self._compact()
+
+    def _new_run(self, stream: JobStream, prep: Prepared, t_submit: float, t_admit: float,
+                 cached: int) -> _Running:
+        job = stream.job
+        ids = torch.tensor(prep.ids, device=self.lm.device)
+        return _Running(stream, prep, Sampler(job.sampling, self.vocab_limit, self.lm.device),
+                        TextAssembler(self.lm.tokenizer, job.sampling.stop), ids,
+                        prep.constraint, length=len(prep.ids), cached_tiles=cached,
+                        t_submit=t_submit, t_admit=t_admit)
 
     def _packs(self, ready: list[tuple[_Running, torch.Tensor]]
                ) -> list[tuple[list[tuple[_Running, torch.Tensor]], bool]]:
@@ -442,6 +445,17 @@ class NativeEngine:
         a, b = c.done, min(c.done + self.settings.prefill_chunk, total)
         self._threads(True)
         try:
+            if c.embeds is None:  # the vision first, a slice of tiles per step
+                if c.vision.step():
+                    run.cached_tiles = c.vision.cached
+                    if run.stream.stages is not None:
+                        run.stream.stages.append(Stage("eagle.vision", c.start_ns,
+                                                       time.time_ns(), (
+                            ("eagle.tiles", run.prep.image_tiles + run.prep.video_frames),
+                            ("eagle.cached_tiles", c.vision.cached))))
+                    c.embeds = self.lm.model.embed(run.seen, c.vision.result(),
+                                                   self.image_token_id)
+                return
             logits = self.decoder.prefill_chunk(c.embeds[a:b], self._spare_row, a)
         except Exception as exc:  # out of memory, or a bug: this job alone fails
             self._chunking = None

@@ -3,7 +3,7 @@ skip the tower, and the encoder that fills it."""
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 
@@ -100,3 +100,58 @@ class VisionEncoder:
             cached = sum(g.tiles.shape[0] for g in prep.groups if g.key not in fresh)
             out.append((torch.cat([found[g.key] for g in prep.groups]), cached))
         return out
+
+
+class VisionSteps:
+    """One job's vision features a slice at a time (at most the encoder's batch of tiles per
+    `step`), so the frames of a long video are encoded between decode steps instead of in one
+    stall. Slices follow the same boundaries as VisionEncoder.encode's, so a job encoded on
+    its own gets the same features either way."""
+
+    def __init__(self, encoder: VisionEncoder, prep: Prepared) -> None:
+        self.enc, self.prep = encoder, prep
+        self.done: dict[str, torch.Tensor] = {}
+        self.cached = 0
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self._todo: deque = deque()
+        cache = encoder.cache
+        for group in prep.groups:
+            if group.key in self.done or group.key in self._parts:
+                continue
+            hit = cache.get(group.key) if cache is not None else None
+            if hit is not None:
+                self.done[group.key] = hit
+                self.cached += group.tiles.shape[0]
+                continue
+            self._parts[group.key] = []
+            n = group.tiles.shape[0]
+            self._todo += [(group, a, min(a + encoder.batch, n)) for a in range(0, n, encoder.batch)]
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Encode the next slice; True once every group is done."""
+        if self._todo:
+            group, a, b = self._todo.popleft()
+            lm = self.enc.lm
+            pixels = tiler_slice(group, a, b, self.enc.norm, lm.device, lm.dtype)
+            self._parts[group.key].append(lm.model.encode_tiles(pixels))
+            if b == group.tiles.shape[0]:
+                feats = torch.cat(self._parts.pop(group.key))
+                self.done[group.key] = feats
+                if self.enc.cache is not None:
+                    self.enc.cache.put(group.key, feats)
+        return not self._todo
+
+    def result(self) -> torch.Tensor | None:
+        """(tiles, 256, hidden) in prompt order, once `step` returned True."""
+        if not self.prep.groups:
+            return None
+        return torch.cat([self.done[g.key] for g in self.prep.groups])
+
+
+def tiler_slice(group, a: int, b: int, norm: str, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Normalised pixels of tiles a..b-1 of a group."""
+    from preprocess import tiler
+
+    return tiler.normalize(group.tiles[a:b], norm).to(device=device, dtype=dtype)
