@@ -107,7 +107,6 @@ def mob_tower(device: torch.device, dtype: torch.dtype, tiny: bool, tiles: int =
     both = timed(lambda: tower.features(pixels))
     alone = timed(lambda: tower.siglip(pixel_values=pixels))
     params = sum(p.numel() for p in tower.parameters())
-    del tower
     return {"tiles": tiles, "both_towers_ms": both, "siglip_ms": alone, "params": params}
 
 
