@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from preprocess import fastdecode
 from preprocess.errors import MediaError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -35,6 +36,7 @@ class OpenedImage:
     label: str
     orientation: int
     key: str = ""  # set by callers that cache by content
+    data: bytes = b""  # the encoded bytes, for decoders other than Pillow
 
     @property
     def size(self) -> tuple[int, int]:
@@ -42,12 +44,17 @@ class OpenedImage:
         w, h = self.image.size
         return (h, w) if self.orientation in _SWAPS_AXES else (w, h)
 
-    def load(self, min_size: tuple[int, int] | None = None) -> Image.Image:
-        """Decode to an 8-bit RGB image, at least `min_size` (w, h) when the codec can scale.
+    def load(self, min_size: tuple[int, int] | None = None):
+        """Decode to 8-bit RGB, at least `min_size` (w, h) when the codec can scale: a Pillow
+        image, or a libvips one for PNG and WebP (preprocess.fastdecode; the tiler takes
+        either, `decode_image` gives Pillow's).
 
         JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT when that still covers `min_size`,
         which is most of the speed on large photos that are tiled down anyway.
         """
+        if (self.format in fastdecode.FORMATS and fastdecode.available() and self.data
+                and self.orientation == 1):
+            return fastdecode.decode(self.data, self.format, self.label)
         im = self.image
         try:
             if min_size is not None and self.format == "JPEG":
@@ -100,18 +107,35 @@ def open_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "i
     if max(w, h) > policy.max_side:
         raise MediaError(f"{label}: {name} is {w}x{h}, over the {policy.max_side}-pixel side limit")
     try:
-        orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "PNG", "WEBP") else 1
+        orientation = _orientation(im, fmt)
     except Exception:  # a damaged EXIF block is ignored, as browsers do
         orientation = 1
     # An animation stays on its first frame: never ask is_animated or n_frames, which walk
     # the file (a GIF may hold thousands of frames, or a damaged second one).
-    return OpenedImage(im, fmt, label, orientation if 1 <= orientation <= 8 else 1)
+    return OpenedImage(im, fmt, label, orientation if 1 <= orientation <= 8 else 1, data=data)
+
+
+def _orientation(im: Image.Image, fmt: str) -> int:
+    """EXIF orientation from the header. For PNG only an eXIf chunk before the image data
+    counts (where the PNG specification puts it): Pillow's getexif() on a PNG decodes the
+    whole image to look for a later one, which cost a 20-megapixel screenshot 170 ms."""
+    if fmt == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(0x0112, 1))
+    if fmt in ("JPEG", "WEBP"):
+        return int(im.getexif().get(0x0112, 1))
+    return 1
 
 
 def decode_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "image",
                  min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode encoded bytes to an 8-bit RGB PIL image with EXIF orientation applied."""
-    return open_image(data, policy, label).load(min_size)
+    image = open_image(data, policy, label).load(min_size)
+    return fastdecode.to_pil(image) if fastdecode.is_vips(image) else image
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
@@ -118,8 +120,11 @@ class Preparer:
                 raise
             decoded = [self._decode_video(k, p, src, n, job.deadline, stages) for k, (p, src, n)
                        in enumerate(zip(videos, sources, plan.video_frames))]
-            per_image = [self._tile(o, c, p, stages)
-                         for o, c, p in zip(opened, plan.tile_caps, images)]
+            # several images are decoded at once: the decoders release the GIL
+            per_image = list(_images_pool().map(
+                lambda item: self._tile(*item, stages), zip(opened, plan.tile_caps, images))) \
+                if len(opened) > 1 else [self._tile(o, c, p, stages) for o, c, p in
+                                         zip(opened, plan.tile_caps, images)]
         segments = self.style.conversation(
             job.messages, [SampledVideo(d.timestamps, d.sample_fps) for d in decoded],
             timestamps=job.vision.frame_timestamps)
@@ -196,6 +201,21 @@ class Preparer:
                                       use_thumbnail=self.cfg.use_thumbnail)
             attrs["eagle.tiles"] = tiles.shape[0]
         return tiles
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _images_pool() -> ThreadPoolExecutor:
+    """Threads that decode a request's images side by side (not the tiler's own pool, whose
+    threads these calls wait on)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)),
+                                       thread_name_prefix="image-decode")
+        return _POOL
 
 
 def _content_key(source: str | bytes) -> str:

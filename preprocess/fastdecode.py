@@ -1,0 +1,83 @@
+"""libvips (pyvips) for the formats it decodes fastest on this project's machines: PNG (through
+libspng, 3-4.5x Pillow's zlib path on the bench's documents and screenshots) and WebP (about
+1.2x), and for downscaling what it decoded. Measured in `make bench` (the decoder table).
+
+Only bytes that Pillow's header check already accepted come here (format, size and pixel
+limits are enforced before any decoding), and each format goes to its own loader, never to
+libvips' format sniffing. Without pyvips everything stays on Pillow.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from preprocess.errors import MediaError
+
+FORMATS = ("PNG", "WEBP")
+_NAMES = {"PNG": "PNG", "WEBP": "WebP"}
+
+try:  # an optional speed-up: the server extra brings it, a bare install does without
+    import pyvips
+
+    pyvips.cache_set_max(0)  # each image is decoded once; the operation cache only holds memory
+except (ImportError, OSError):  # the module, or its libvips, is missing
+    pyvips = None
+
+
+def available() -> bool:
+    return pyvips is not None
+
+
+def is_vips(image: Any) -> bool:
+    return pyvips is not None and isinstance(image, pyvips.Image)
+
+
+def decode(data: bytes, fmt: str, label: str) -> Any:
+    """Encoded PNG or WebP -> an 8-bit sRGB vips image in memory, alpha composited onto
+    white and 16-bit scaled as Pillow's path does (to_rgb). Raises MediaError when damaged."""
+    loader = pyvips.Image.pngload_buffer if fmt == "PNG" else pyvips.Image.webpload_buffer
+    try:
+        image = loader(data, fail_on="warning")
+        if image.interpretation in ("grey16", "rgb16") or image.format == "ushort":
+            image = (image / 257).cast("uchar")  # 0..65535 -> 0..255, as x // 257
+        if image.hasalpha():
+            image = image.flatten(background=[255] * (image.bands - 1))
+        if image.bands == 1:
+            image = image.bandjoin([image, image])
+        elif image.bands != 3:
+            raise MediaError(f"{label}: the {_NAMES[fmt]} has {image.bands} colour bands")
+        return image.cast("uchar").copy_memory()
+    except MediaError:
+        raise
+    except pyvips.Error as exc:
+        why = str(exc).strip().splitlines()
+        raise MediaError(f"{label}: the {_NAMES[fmt]} data is damaged or truncated "
+                         f"({why[-1][:120] if why else 'libvips'})") from None
+
+
+def size(image: Any) -> tuple[int, int]:
+    return image.width, image.height
+
+
+def from_pil(image: Image.Image) -> Any:
+    """An RGB Pillow image as a vips image (one copy of its pixels)."""
+    arr = np.asarray(image)
+    return pyvips.Image.new_from_memory(arr.data, arr.shape[1], arr.shape[0], 3, "uchar")
+
+
+def to_pil(image: Any) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(image.numpy()), "RGB")
+
+
+def resize(image: Any, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) uint8, bicubic. Used for downscaling only: there libvips' output
+    matches Pillow's to within rounding (PSNR 44 dB on the bench's screenshot); upscaling
+    samples at other pixel centres, so small images go through Pillow."""
+    w, h = image.width, image.height
+    out = image.resize(width / w, vscale=height / h, kernel="cubic").numpy()
+    return out[:height, :width]
+
+
+__all__ = ["FORMATS", "available", "decode", "from_pil", "is_vips", "resize", "size", "to_pil"]
