@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ class VideoPolicy:
     max_pixels: int = 4096 * 2304
     max_decoded_frames: int = 20_000
     timeout_s: float = 60.0
-    threads: int = 2
+    threads: int = field(default_factory=lambda: os.cpu_count() or 2)  # every core
 
 
 @dataclass
@@ -61,6 +62,7 @@ class DecodedVideo:
     timestamps: list[float]
     info: VideoInfo = field(repr=False)
     sample_fps: float = 0.0
+    decoded_frames: int = 0  # frames the decoder produced to reach the sampled ones
 
 
 @dataclass(frozen=True)
@@ -177,25 +179,32 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
     chunks = _split(times, min(policy.threads, len(times)))
     budget = max(1, policy.max_decoded_frames // len(chunks))
 
-    def work(chunk: list[float]) -> list[np.ndarray]:
-        return _decode_at(source, info, chunk, size, deadline, budget, label)
+    per_worker = max(1, (os.cpu_count() or 2) // len(chunks))  # codec threads: no oversubscription
+
+    def work(chunk: list[float]) -> tuple[list[np.ndarray], int]:
+        return _decode_at(source, info, chunk, size, deadline, budget, label, per_worker)
 
     if len(chunks) == 1:
         parts = [work(chunks[0])]
     else:
         with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
             parts = list(pool.map(work, chunks))
-    frames = np.stack([f for part in parts for f in part])
-    return DecodedVideo(frames, indices, times, info, sample_fps)
+    frames = np.stack([f for part, _ in parts for f in part])
+    return DecodedVideo(frames, indices, times, info, sample_fps,
+                        sum(n for _, n in parts))
 
 
 def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size: int,
-               deadline: float, budget: int, label: str) -> list[np.ndarray]:
-    """Decode the frames at `targets` (sorted seconds) from one container of its own."""
+               deadline: float, budget: int, label: str,
+               threads: int = 0) -> tuple[list[np.ndarray], int]:
+    """Decode the frames at `targets` (sorted seconds) from one container of its own; also
+    how many frames the decoder had to produce for them."""
     out: list[np.ndarray] = []
     with _guard(label, "decode"), _open(source, info.container) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
         tb = stream.time_base or Fraction(1, 90000)
         t0 = float((stream.start_time or 0) * tb)
         half = 0.5 / info.fps
@@ -240,7 +249,7 @@ def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size:
                 frames = iter(())
                 chosen = held[0]
             out.append(_rgb(chosen, size))
-    return out
+    return out, decoded
 
 
 def _rgb(frame: av.VideoFrame, size: int) -> np.ndarray:

@@ -55,6 +55,17 @@ def test_decoded_frames_are_the_sampled_ones_with_their_times(clip) -> None:
     assert np.array_equal(from_bytes.frames, out.frames)
 
 
+def test_decoding_seeks_to_keyframes_and_any_thread_count_gives_the_same_frames(clip) -> None:
+    _, data = clip  # 300 frames, a keyframe every 60
+    one = frames.decode_video(data, 8, policy=frames.VideoPolicy(threads=1))
+    many = frames.decode_video(data, 8, policy=frames.VideoPolicy(threads=4))
+    assert np.array_equal(one.frames, many.frames)
+    # each sampled frame costs at most the 60 frames from its keyframe, never the whole file
+    for out in (one, many):
+        assert 8 <= out.decoded_frames <= 8 * 60, out.decoded_frames
+    assert one.decoded_frames < 300
+
+
 def test_a_clip_samples_only_its_range(clip) -> None:
     _, data = clip
     out = frames.decode_video(data, 4, start_seconds=2.0, end_seconds=4.0)
