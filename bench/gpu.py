@@ -244,8 +244,9 @@ def main() -> None:
     engine = NativeEngine(lm, EngineSettings(max_running=max(batches), max_queue=max(batches),
                                              batch_invariant=False, vision_cache_tiles=0),
                           context_length=16384)
-    if device.type != "cuda":  # the dry run takes the GPU's decode path, minus the capture
+    if device.type != "cuda":  # the dry run takes the GPU's decode path, minus the capture,
         engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches), capture=False)
+        engine.prepare.device = device  # and its JPEG tiling, on the CPU
     list(engine.submit(text_job("warm", 8)))
     photos = [factory.encode(factory.photo(4032, 3024, seed=i), "JPEG", quality=90)
               for i in range(4)]
@@ -258,6 +259,11 @@ def main() -> None:
     with BackgroundServer(Settings(port=0, max_running=max(batches), log_format="text",
                                    log_level="WARNING", grace_seconds=2), engine) as srv:
         grpc_image = grpc_ttft(srv.target, [{"images": [ph]} for ph in photos])
+        # the same photos with the JPEG decoded and tiled on the CPU (--device-decode false)
+        device_tiling, engine.prepare.device = engine.prepare.device, None
+        grpc_image_cpu = grpc_ttft(srv.target, [{"images": [ph]} for ph in photos])
+        breakdown_cpu = image_breakdown(engine, photos[1])
+        engine.prepare.device = device_tiling
         grpc_video = grpc_ttft(srv.target, [{"videos": [Video(data=clip, num_frames=32)]}
                                             for _ in range(4)])  # no vision cache here
     rows, eager_rows = [], []
@@ -281,7 +287,10 @@ def main() -> None:
     result = {
         "machine": machine(), "device": name, "vocabulary": vocab_note, "llm_bytes": llm_bytes,
         "bandwidth": bw, "bound_tokens_per_s": bound, "image_breakdown": breakdown,
-        "grpc_image": grpc_image, "grpc_video_32_frames": grpc_video, "batches": rows,
+        "grpc_image": grpc_image, "grpc_image_cpu_preprocessing": grpc_image_cpu,
+        "image_breakdown_cpu_preprocessing": breakdown_cpu,
+        "image_tiled_on": str(device_tiling) if device_tiling is not None else "cpu",
+        "grpc_video_32_frames": grpc_video, "batches": rows,
         "eager_batches": eager_rows, "generate_tokens_per_s": generate,
         "single_vs_generate": single / generate,
         "single_vs_bound": single / bound if bw else float("nan"),
@@ -299,8 +308,13 @@ def main() -> None:
     print(f"One 13-tile image in process: {b['wall_ms']:.0f} ms = media decode "
           f"{b['media.decode']:.0f} + tiling {b['tiling']:.0f} (preprocess {b['preprocess']:.0f})"
           f" + queue {b['queue']:.0f} + vision {b['vision']:.0f} + prefill {b['prefill']:.0f} ms")
-    print(f"TTFT over gRPC: 4032x3024 JPEG {grpc_image['ttft_ms']:.0f} ms; 32 video frames "
-          f"{grpc_video['ttft_ms']:.0f} ms")
+    c = breakdown_cpu
+    print(f"  the same with the JPEG tiled on the CPU: {c['wall_ms']:.0f} ms = media decode "
+          f"{c['media.decode']:.0f} + tiling {c['tiling']:.0f} + vision {c['vision']:.0f} + "
+          f"prefill {c['prefill']:.0f} ms")
+    print(f"TTFT over gRPC: 4032x3024 JPEG {grpc_image['ttft_ms']:.0f} ms with the JPEG tiled "
+          f"on {result['image_tiled_on']}, {grpc_image_cpu['ttft_ms']:.0f} ms tiled on the CPU; "
+          f"32 video frames {grpc_video['ttft_ms']:.0f} ms")
     print(f"Eagle2-9B's towers{' (tiny shapes)' if args.tiny else ''}, "
           f"{mob['params'] / 1e9:.2f}B parameters, {mob['tiles']} tiles: both "
           f"{mob['both_towers_ms']:.0f} ms, SigLIP alone {mob['siglip_ms']:.0f} ms\n")

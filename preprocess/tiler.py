@@ -108,11 +108,16 @@ def _resize(image, width: int, height: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).numpy()
 
 
-def normalize(tiles: np.ndarray, norm: str = "siglip") -> torch.Tensor:
-    """uint8 (n, s, s, 3) -> float32 (n, 3, s, s), scaled to [0, 1] then normalised by mean/std."""
-    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
-        raise ValueError(f"tiles must be uint8 (n, s, s, 3), got {tiles.dtype} {tiles.shape}")
-    out = torch.empty((tiles.shape[0], 3, tiles.shape[1], tiles.shape[2]), dtype=torch.float32)
+def normalize(tiles: np.ndarray | torch.Tensor, norm: str = "siglip") -> torch.Tensor:
+    """uint8 (n, s, s, 3) -> float32 (n, 3, s, s), scaled to [0, 1] then normalised by
+    mean/std; a tensor's tiles (preprocess.device_tiles) are normalised on their device."""
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"tiles must be uint8 (n, s, s, 3), got {tiles.dtype} {tuple(tiles.shape)}")
+    device = tiles.device if isinstance(tiles, torch.Tensor) else None
+    out = torch.empty((tiles.shape[0], 3, tiles.shape[1], tiles.shape[2]), dtype=torch.float32,
+                      device=device)
+    if device is not None and device.type == "cuda":  # made on a media thread's stream
+        tiles.record_stream(torch.cuda.current_stream(device))
     _normalize_into(out, tiles, _norm(norm))
     return out
 
@@ -127,12 +132,14 @@ def _normalize_into(out: torch.Tensor, tiles: np.ndarray,
                     stats: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     """out (k, 3, s, s) float32 <- tiles (k, s, s, 3) uint8, normalised in place."""
     mean, std = stats
-    out.copy_(torch.from_numpy(np.require(tiles, requirements=["C", "W"])).permute(0, 3, 1, 2))
+    src = tiles if isinstance(tiles, torch.Tensor) else \
+        torch.from_numpy(np.require(tiles, requirements=["C", "W"]))
+    out.copy_(src.permute(0, 3, 1, 2))
     if len(set(mean)) == 1 and len(set(std)) == 1:  # one affine map for all channels
         out.mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
         return
-    out.mul_(torch.tensor([1.0 / (255.0 * v) for v in std]).view(1, 3, 1, 1))
-    out.sub_(torch.tensor([m / v for m, v in zip(mean, std)]).view(1, 3, 1, 1))
+    out.mul_(torch.tensor([1.0 / (255.0 * v) for v in std], device=out.device).view(1, 3, 1, 1))
+    out.sub_(torch.tensor([m / v for m, v in zip(mean, std)], device=out.device).view(1, 3, 1, 1))
 
 
 def tile_image(image: Image.Image, *, max_tiles: int = 12, min_tiles: int = 1,

@@ -66,7 +66,7 @@ def build_engine(s: Settings):
         refs=RefPolicy(media_roots=tuple(Path(r) for r in s.media_roots),
                        max_file_bytes=s.max_video_bytes, allow_urls=s.allow_urls),
         prompt_style=s.prompt_style, max_video_frames=s.max_video_frames,
-        default_video_frames=s.default_video_frames)
+        default_video_frames=s.default_video_frames, device_decode=s.device_decode)
     return NativeEngine(loaded, EngineSettings(
         max_running=s.max_running, max_queue=s.max_queue, max_batch_tokens=s.max_batch_tokens,
         preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,

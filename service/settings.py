@@ -49,6 +49,8 @@ class Settings:
     max_video_bytes: int = 512 * MiB
     max_video_seconds: float = 3 * 3600.0
     video_timeout_s: float = 60.0
+    # JPEGs decoded by nvJPEG and tiled on the GPU when the model is on CUDA
+    device_decode: bool = True
     max_new_tokens: int = 4096
     default_max_new_tokens: int = 512
     default_temperature: float = 0.0

@@ -29,7 +29,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "gpu-bench.log", "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
     tests_log = (tmp_path / "gpu-tests.log").read_text()
-    assert "6 skipped" in tests_log or "passed" in tests_log
+    assert "7 skipped" in tests_log or "passed" in tests_log
     bench_log = (tmp_path / "gpu-bench.log").read_text()
     for line in ("One 13-tile image in process:", "TTFT over gRPC: 4032x3024 JPEG",
                  "Eagle2-9B's towers (tiny shapes)",
@@ -40,6 +40,11 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
         "gpu.sh: pytest -m gpu exit 0, benchmark exit 0")
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["grpc_image"]["ttft_ms"] > 0 and data["grpc_video_32_frames"]["ttft_ms"] > 0
+    # the photo's TTFT both ways: tiled on the device (here the CPU device) and by the CPU path
+    assert data["grpc_image_cpu_preprocessing"]["ttft_ms"] > 0
+    assert data["image_breakdown_cpu_preprocessing"]["media.decode"] > 0
+    assert data["image_breakdown"]["media.decode"] == 0  # decoded inside the device tiling
+    assert "ms tiled on the CPU; 32 video frames" in bench_log
     assert data["image_breakdown"]["vision"] > 0 and data["image_breakdown"]["tiling"] > 0
     assert [b["batch"] for b in data["batches"]] == [b["batch"] for b in
                                                      data["eager_batches"]] == [1, 4]

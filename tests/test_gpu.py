@@ -218,3 +218,39 @@ def test_the_grpc_server_on_the_device_answers_health_chat_and_stream(on_device)
                 assert stream.result.finish_reason == "length"
     finally:
         engine.drain(0)
+
+
+def test_jpeg_tiles_on_the_device_match_the_cpu_path(tiny) -> None:
+    """nvJPEG decode + resize on the device against the CPU path (Pillow/libvips): the same
+    grid and >= 30 dB on the worst tile, EXIF-rotated included; through the Preparer, a JPEG
+    stays on the device while a PNG and a CMYK JPEG take the CPU path."""
+    import numpy as np
+    from PIL import Image
+
+    from preprocess import device_tiles, tiler
+    from preprocess.media import decode_image, open_image
+    from service.engine.prepare import MediaSettings, Preparer
+
+    device = torch.device(DEVICE)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photos = [factory.encode(factory.photo(4032, 3024, seed=1), "JPEG", quality=90),
+              factory.encode(factory.photo(1275, 1650, seed=2), "JPEG", progressive=True),
+              factory.encode(factory.photo(900, 500, seed=3), "JPEG", exif=exif.tobytes())]
+    for data in photos:
+        ours = device_tiles.jpeg_tiles(data, open_image(data).orientation, device=device,
+                                       max_tiles=12)
+        ref = tiler.split_tiles(decode_image(data), max_tiles=12)
+        assert ours.device.type == device.type and tuple(ours.shape) == ref.shape
+        worst = min(10 * np.log10(255.0 ** 2 / max(np.mean(
+            (a.astype(np.float64) - b.astype(np.float64)) ** 2), 1e-12))
+            for a, b in zip(ours.cpu().numpy(), ref))
+        assert worst >= 30.0, worst
+    prep = Preparer(tiny.tokenizer, tiny.cfg, 16384, MediaSettings(), device=device)
+    png = factory.encode(factory.document(500, 700), "PNG")
+    cmyk = factory.encode(factory.photo(640, 480).convert("CMYK"), "JPEG")
+    parts = (ImagePart(data=photos[0]), ImagePart(data=png), ImagePart(data=cmyk))
+    out = prep(ChatJob("t", (ChatMessage(Role.USER, (*parts, TextPart("Describe."))),),
+                       SamplingParams(max_new_tokens=4), VisionParams(max_tiles_per_image=6)))
+    assert [isinstance(g.tiles, torch.Tensor) for g in out.groups] == [True, False, False]
+    assert out.groups[0].tiles.device.type == device.type

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -13,13 +14,15 @@ import numpy as np
 import torch
 
 from preprocess import budget as ads
+from preprocess import device_tiles, refs, tiler
 from preprocess import frames as vid
-from preprocess import refs, tiler
 from preprocess.errors import ContextOverflow, PreprocessError
 from preprocess.media import ImagePolicy, OpenedImage, open_image
 from service.engine import prompt as pr
 from service.engine.job import ChatJob, ImagePart, Stage, VideoPart, timed
 from service.engine.processor_prompt import SampledVideo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class MediaSettings:
     # (processor_prompt.FRAME_LIMITS: 64 and 32 for Eagle2, 256 and 256 for Eagle2.5)
     max_video_frames: int = 0
     default_video_frames: int = 0
+    # JPEGs decoded by nvJPEG and tiled on the model's GPU when it has one
+    # (preprocess.device_tiles); other formats and failures take the CPU path
+    device_decode: bool = True
 
 
 @dataclass
@@ -43,7 +49,7 @@ class VisionGroup:
     """The tiles of one image, or the frames of one video, and a key naming their content."""
 
     key: str
-    tiles: np.ndarray  # (n, s, s, 3) uint8
+    tiles: np.ndarray | torch.Tensor  # (n, s, s, 3) uint8; a tensor when tiled on the device
 
     def pixel_values(self, norm: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return tiler.normalize(self.tiles, norm).to(device=device, dtype=dtype)
@@ -68,8 +74,12 @@ class Preparer:
     """Everything between a ChatJob and token ids: needs the tokenizer and model config only."""
 
     def __init__(self, tokenizer, cfg, context_length: int, settings: MediaSettings,
-                 decode_video=vid.decode_video, style=None) -> None:
+                 decode_video=vid.decode_video, style=None,
+                 device: torch.device | None = None) -> None:
         self.cfg = cfg
+        # where JPEGs are tiled (device_tiles), None: on the CPU by the tiler
+        self.device = device if settings.device_decode else None
+        self._device_failed = False  # the first fallback is logged, not the rest
         self.decode_video = decode_video  # in process, or VideoDecoderPool.decode
         self.settings = settings
         self.context_length = context_length
@@ -188,10 +198,25 @@ class Preparer:
             raise
 
     def _tile(self, opened: OpenedImage, cap: int, part: ImagePart,
-              stages: list[Stage] | None) -> np.ndarray:
-        cols, rows = tiler.choose_grid(*opened.size, max_tiles=cap, tile_size=self.cfg.image_size)
+              stages: list[Stage] | None) -> np.ndarray | torch.Tensor:
         size = self.cfg.image_size
         media = {"eagle.media": opened.label}
+        if self.device is not None and device_tiles.usable(opened.format, opened.image.mode):
+            with timed(stages, "eagle.tiling", "eagle.preprocess", **media,
+                       **{"eagle.format": opened.format, "eagle.decoder": "device"}) as attrs:
+                try:
+                    tiles = device_tiles.jpeg_tiles(
+                        opened.data, opened.orientation, device=self.device, max_tiles=cap,
+                        tile_size=size, use_thumbnail=self.cfg.use_thumbnail)
+                    attrs["eagle.tiles"] = tiles.shape[0]
+                    return tiles
+                except Exception as exc:  # damaged or unsupported: the CPU path decides
+                    attrs["eagle.decoder"] = "device, fell back to cpu"
+                    if not self._device_failed:
+                        self._device_failed = True
+                        log.warning("a JPEG could not be tiled on %s (%s); it and any like it "
+                                    "take the CPU path", self.device, exc)
+        cols, rows = tiler.choose_grid(*opened.size, max_tiles=cap, tile_size=self.cfg.image_size)
         with timed(stages, "eagle.media.decode", "eagle.preprocess", **media,
                    **{"eagle.format": opened.format, "eagle.width": opened.size[0],
                       "eagle.height": opened.size[1]}):

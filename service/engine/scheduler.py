@@ -110,7 +110,8 @@ class NativeEngine:
             decode = self.video_pool.decode
         self.prepare = Preparer(tok, loaded.cfg, self.context_length, settings.media,
                                 **({"decode_video": decode} if decode else {}),
-                                style=make_style(self.prompt_style, tok, loaded.folder))
+                                style=make_style(self.prompt_style, tok, loaded.folder),
+                                device=loaded.device if loaded.device.type == "cuda" else None)
         self.image_token_id = self.prepare.tokens.img_context
         stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
         self.stop_ids = {i for i in stops if i is not None and i != tok.unk_token_id}

@@ -1,0 +1,114 @@
+"""JPEG to IAP tiles on the model's device: decoded by nvJPEG (torchvision's decode_jpeg on
+CUDA), oriented, resized (bicubic, antialiased) and cut into tiles there, so a photo's
+pixels never exist on the CPU. The same steps run on a CPU device with libjpeg-turbo, which
+is how the tests cover them without a GPU.
+
+Only baseline RGB and greyscale JPEGs come here; CMYK/YCCK JPEGs, other formats and any
+failure take the CPU path (preprocess.tiler), which also owns every error message.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+from preprocess.tiler import choose_grid
+
+# Pillow modes a JPEG opens in that nvJPEG turns into RGB as Pillow would
+DECODABLE_MODES = ("RGB", "L")
+_local = threading.local()
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, which has no
+# nvJPEG decode yet; the warning would be printed by every media thread
+warnings.filterwarnings("ignore", category=DeprecationWarning,
+                        message="The image decoding and encoding capabilities of TorchVision")
+
+
+def usable(fmt: str, mode: str) -> bool:
+    """Whether an opened image can take this path."""
+    return fmt == "JPEG" and mode in DECODABLE_MODES
+
+
+def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) -> the image upright for EXIF orientation 1-8 (Pillow's exif_transpose)."""
+    if orientation == 2:
+        return x.flip(2)
+    if orientation == 3:
+        return x.flip(1, 2)
+    if orientation == 4:
+        return x.flip(1)
+    if orientation == 5:
+        return x.transpose(1, 2)
+    if orientation == 6:
+        return x.rot90(-1, (1, 2))
+    if orientation == 7:
+        return x.transpose(1, 2).flip(1, 2)
+    if orientation == 8:
+        return x.rot90(1, (1, 2))
+    return x
+
+
+def resize(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 255] -> (3, height, width), bicubic with antialiasing and
+    rounded to whole levels, as the CPU path's uint8 resize: a box reduction to twice the
+    target first when shrinking more than 4x (Pillow's reducing_gap)."""
+    y = x[None]
+    h, w = x.shape[1:]
+    if width * 4 < w or height * 4 < h:
+        y = torch.nn.functional.adaptive_avg_pool2d(
+            y, (max(height * 2, 1), max(width * 2, 1))).round_()
+    y = torch.nn.functional.interpolate(y, size=(height, width), mode="bicubic",
+                                        antialias=True, align_corners=False)
+    return y[0].round_().clamp_(0, 255)
+
+
+def jpeg_tiles(data: bytes, orientation: int, *, device: torch.device, max_tiles: int,
+               min_tiles: int = 1, tile_size: int = 448,
+               use_thumbnail: bool = True) -> torch.Tensor:
+    """Encoded JPEG -> uint8 (n, tile_size, tile_size, 3) on `device`: grid tiles row-major,
+    thumbnail last, the layout tiler.split_tiles gives. Raises whatever the decoder raises;
+    the caller falls back to the CPU path."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    with _stream(device):
+        image = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        image = orient(image, orientation).float()
+        _, h, w = image.shape
+        cols, rows = choose_grid(w, h, min_tiles=min_tiles, max_tiles=max_tiles,
+                                 tile_size=tile_size)
+        n = cols * rows
+        thumb = use_thumbnail and n > 1
+        out = torch.empty((n + thumb, tile_size, tile_size, 3), dtype=torch.uint8, device=device)
+        grid = resize(image, cols * tile_size, rows * tile_size)  # (3, rows*s, cols*s)
+        # (3, rows, s, cols, s) -> (rows, cols, s, s, 3) -> (n, s, s, 3)
+        out[:n] = grid.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 2, 4, 0) \
+            .reshape(n, tile_size, tile_size, 3)
+        if thumb:
+            out[n] = resize(image, tile_size, tile_size).permute(1, 2, 0)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # ready for the engine's stream
+    return out
+
+
+class _stream:
+    """On CUDA, a side stream per media thread, so decoding overlaps the model's steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.ctx = None
+        if device.type == "cuda":
+            streams = getattr(_local, "streams", None)
+            if streams is None:
+                streams = _local.streams = {}
+            if device not in streams:
+                streams[device] = torch.cuda.Stream(device)
+            self.ctx = torch.cuda.stream(streams[device])
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
