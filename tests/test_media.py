@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from preprocess import fastdecode
 from preprocess.errors import MediaError
-from preprocess.media import ImagePolicy, decode_image, open_image
+from preprocess.media import ImagePolicy, decode_image, open_image, to_rgb
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -166,3 +167,43 @@ def test_decoders_carry_their_security_fixes() -> None:
     import PIL
 
     assert tuple(int(p) for p in PIL.__version__.split(".")[:2]) >= (11, 3)
+
+
+@pytest.mark.skipif(not fastdecode.available(), reason="pyvips (the server extra) not installed")
+@pytest.mark.parametrize("name", ["PNG", "16-bit PNG", "palette PNG with transparency",
+                                  "RGBA PNG", "LA PNG", "1x20000 strip", "WebP"])
+def test_png_and_webp_decode_through_libvips_to_pillows_pixels(name: str) -> None:
+    """The decoder chosen per format: PNG and WebP by libvips, with the same pixels as
+    Pillow's path (to_rgb) gives, alpha on white and 16-bit scaled alike."""
+    data, size = ACCEPTED[name]
+    opened = open_image(data, POLICY)
+    image = opened.load()
+    assert fastdecode.is_vips(image) and fastdecode.size(image) == size
+    pillow = np.asarray(to_rgb(Image.open(io.BytesIO(data))))
+    ours = np.asarray(fastdecode.to_pil(image))
+    if name == "WebP":  # lossy: libvips and Pillow each bundle their own libwebp
+        assert np.abs(ours.astype(int) - pillow.astype(int)).max() <= 2
+    else:
+        assert np.array_equal(ours, pillow)
+
+
+@pytest.mark.skipif(not fastdecode.available(), reason="pyvips (the server extra) not installed")
+@pytest.mark.parametrize("data", [PNG[: len(PNG) // 2], PNG[:60] + bytes(200) + PNG[260:]],
+                         ids=["truncated", "zeroed IDAT"])
+def test_damaged_pngs_fail_in_libvips_with_media_error(data: bytes) -> None:
+    opened = open_image(data, POLICY, label="image 3")  # the header is intact
+    with pytest.raises(MediaError, match="^image 3: the PNG data is damaged or truncated"):
+        opened.load()
+
+
+def test_a_truncated_webp_is_refused_at_its_header() -> None:
+    """Pillow reads a WebP's whole RIFF body when it opens it, so a cut one never reaches
+    libvips."""
+    with pytest.raises(MediaError, match="^image 3: the image header is damaged"):
+        open_image(factory.encode(PHOTO, "WEBP")[:-40], POLICY, label="image 3")
+
+
+def test_jpeg_bmp_and_gif_stay_on_pillow() -> None:
+    for data in (JPEG, ACCEPTED["BMP"][0], ACCEPTED["GIF of 3000 frames"][0]):
+        image = open_image(data, POLICY).load()
+        assert isinstance(image, Image.Image) and image.mode == "RGB"
