@@ -38,6 +38,10 @@ class VideoPolicy:
     max_decoded_frames: int = 20_000
     timeout_s: float = 60.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)  # every core
+    # "cuda" or "cuda:N": decode on the GPU's NVDEC through FFmpeg's cuvid decoders (one
+    # container: the engine is one), frames copied back for scaling; the CPU when the
+    # device cannot be opened or the stream fails there. "": the CPU.
+    hwaccel: str = ""
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DecodedVideo:
     info: VideoInfo = field(repr=False)
     sample_fps: float = 0.0
     decoded_frames: int = 0  # frames the decoder produced to reach the sampled ones
+    decoder: str = "cpu"  # or "cuda" (NVDEC); with why the CPU took over, when it did
 
 
 @dataclass(frozen=True)
@@ -176,31 +181,84 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
     times = [i / info.fps for i in indices]
     sample_fps = len(indices) / span * info.fps
     deadline = time.monotonic() + policy.timeout_s
-    chunks = _split(times, min(policy.threads, len(times)))
-    budget = max(1, policy.max_decoded_frames // len(chunks))
+    decoder = "cpu"
+    parts = None
+    if policy.hwaccel:
+        hw = _hwaccel(policy.hwaccel)
+        if isinstance(hw, str):
+            decoder = f"cpu ({hw})"
+        else:
+            try:
+                parts = [_decode_at(source, info, times, size, deadline,
+                                    policy.max_decoded_frames, label, 0, hw)]
+                decoder = policy.hwaccel
+            except MediaError as exc:  # the CPU decides whether the file is damaged
+                decoder = f"cpu ({policy.hwaccel} failed: {exc})"
+    if parts is None:
+        chunks = _split(times, min(policy.threads, len(times)))
+        budget = max(1, policy.max_decoded_frames // len(chunks))
+        # codec threads: no oversubscription
+        per_worker = max(1, (os.cpu_count() or 2) // len(chunks))
 
-    per_worker = max(1, (os.cpu_count() or 2) // len(chunks))  # codec threads: no oversubscription
+        def work(chunk: list[float]) -> tuple[list[np.ndarray], int]:
+            return _decode_at(source, info, chunk, size, deadline, budget, label, per_worker)
 
-    def work(chunk: list[float]) -> tuple[list[np.ndarray], int]:
-        return _decode_at(source, info, chunk, size, deadline, budget, label, per_worker)
-
-    if len(chunks) == 1:
-        parts = [work(chunks[0])]
-    else:
-        with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
-            parts = list(pool.map(work, chunks))
+        if len(chunks) == 1:
+            parts = [work(chunks[0])]
+        else:
+            with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
+                parts = list(pool.map(work, chunks))
     frames = np.stack([f for part, _ in parts for f in part])
     return DecodedVideo(frames, indices, times, info, sample_fps,
-                        sum(n for _, n in parts))
+                        sum(n for _, n in parts), decoder)
+
+
+_HW_UNAVAILABLE: dict[str, str] = {}  # device -> why it could not be opened (not retried)
+
+
+def _probe_clip() -> bytes:
+    """Two 64x64 H.264 frames in MP4: what a hardware decoder is tried on first."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 60 * i, np.uint8), "rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def _hwaccel(device: str):
+    """PyAV's HWAccel for "cuda" / "cuda:N", or a string saying why there is none. A device
+    that failed to open once is not tried again in this process."""
+    if device in _HW_UNAVAILABLE:
+        return _HW_UNAVAILABLE[device]
+    kind, _, index = device.partition(":")
+    try:
+        from av.codec.hwaccel import HWAccel, hwdevices_available
+
+        if kind not in hwdevices_available():
+            raise RuntimeError(f"this FFmpeg has no {kind} device support")
+        hw = HWAccel(kind, device=index or None, allow_software_fallback=True)
+        with av.open(io.BytesIO(_probe_clip()), mode="r", format="mp4", hwaccel=hw) as c:
+            next(c.decode(c.streams.video[0]), None)  # opens the device, decodes one frame
+        return hw
+    except Exception as exc:
+        why = f"{device} decoding unavailable: {type(exc).__name__}: {exc}"[:200]
+        _HW_UNAVAILABLE[device] = why
+        log.warning("%s; videos are decoded on the CPU", why)
+        return why
 
 
 def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size: int,
                deadline: float, budget: int, label: str,
-               threads: int = 0) -> tuple[list[np.ndarray], int]:
+               threads: int = 0, hwaccel=None) -> tuple[list[np.ndarray], int]:
     """Decode the frames at `targets` (sorted seconds) from one container of its own; also
     how many frames the decoder had to produce for them."""
     out: list[np.ndarray] = []
-    with _guard(label, "decode"), _open(source, info.container) as container:
+    with _guard(label, "decode"), _open(source, info.container, hwaccel) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if threads:
@@ -328,9 +386,10 @@ def _container_format(source: str | bytes, policy: VideoPolicy, label: str) -> s
                      f"Matroska/WebM or AVI (first bytes {head[:8].hex()})")
 
 
-def _open(source: str | bytes, fmt: str) -> av.container.InputContainer:
+def _open(source: str | bytes, fmt: str, hwaccel=None) -> av.container.InputContainer:
     src = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else source
-    return av.open(src, mode="r", format=fmt, timeout=(10.0, 10.0))
+    extra = {"hwaccel": hwaccel} if hwaccel is not None else {}
+    return av.open(src, mode="r", format=fmt, timeout=(10.0, 10.0), **extra)
 
 
 def _split(items: list[float], parts: int) -> list[list[float]]:

@@ -62,7 +62,9 @@ def build_engine(s: Settings):
         image=ImagePolicy(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels),
         # the decoder's own guard; the per-request limit is max_video_frames below
         video=VideoPolicy(max_bytes=s.max_video_bytes, max_frames=max(s.max_video_frames, 512),
-                          max_duration_s=s.max_video_seconds, timeout_s=s.video_timeout_s),
+                          max_duration_s=s.max_video_seconds, timeout_s=s.video_timeout_s,
+                          hwaccel=str(loaded.device) if s.video_nvdec
+                          and loaded.device.type == "cuda" else ""),
         refs=RefPolicy(media_roots=tuple(Path(r) for r in s.media_roots),
                        max_file_bytes=s.max_video_bytes, allow_urls=s.allow_urls),
         prompt_style=s.prompt_style, max_video_frames=s.max_video_frames,

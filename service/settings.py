@@ -51,6 +51,9 @@ class Settings:
     video_timeout_s: float = 60.0
     # JPEGs decoded by nvJPEG and tiled on the GPU when the model is on CUDA
     device_decode: bool = True
+    # videos decoded by the GPU's NVDEC (FFmpeg's cuvid through PyAV) when the model is on
+    # CUDA; off until measured on a GPU (bench/gpu.sh times both)
+    video_nvdec: bool = False
     max_new_tokens: int = 4096
     default_max_new_tokens: int = 512
     default_temperature: float = 0.0

@@ -45,6 +45,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert data["image_breakdown_cpu_preprocessing"]["media.decode"] > 0
     assert data["image_breakdown"]["media.decode"] == 0  # decoded inside the device tiling
     assert "ms tiled on the CPU; 32 video frames" in bench_log
+    assert data["grpc_video_32_frames_nvdec"]["ttft_ms"] > 0
+    assert data["video_nvdec_decoder"].startswith("cpu (cuda:0 decoding unavailable: ")
     assert data["image_breakdown"]["vision"] > 0 and data["image_breakdown"]["tiling"] > 0
     assert [b["batch"] for b in data["batches"]] == [b["batch"] for b in
                                                      data["eager_batches"]] == [1, 4]

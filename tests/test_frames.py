@@ -7,6 +7,7 @@ from pathlib import Path
 import factory
 import numpy as np
 import pytest
+import torch
 
 from preprocess import frames
 from preprocess.errors import MediaError
@@ -122,3 +123,38 @@ def test_damaged_videos_fail_fast_with_media_error(clip, name: str) -> None:
         frames.decode_video(cases[name], 8)
     assert time.monotonic() - start < 10
     assert str(info.value).startswith("video: ")
+
+
+def test_nvdec_that_cannot_open_leaves_the_cpu_decoding_and_says_why(clip, monkeypatch) -> None:
+    _, data = clip
+    cpu = frames.decode_video(data, 8)
+    monkeypatch.setattr(frames, "_HW_UNAVAILABLE", {})
+    tries = []
+    real = frames._probe_clip
+    monkeypatch.setattr(frames, "_probe_clip", lambda: tries.append(1) or real())
+    policy = frames.VideoPolicy(hwaccel="cuda")
+    for _ in range(2):
+        out = frames.decode_video(data, 8, policy=policy)
+        assert np.array_equal(out.frames, cpu.frames) and out.indices == cpu.indices
+        if not torch.cuda.is_available():
+            assert out.decoder.startswith("cpu (cuda decoding unavailable: ")
+    assert len(tries) <= 1  # a device that failed is not tried on every video
+
+
+def test_the_nvdec_path_decodes_in_one_container_and_a_failure_there_goes_to_the_cpu(
+        clip, monkeypatch) -> None:
+    _, data = clip
+    cpu = frames.decode_video(data, 8)
+    policy = frames.VideoPolicy(hwaccel="cuda")
+    monkeypatch.setattr(frames, "_hwaccel", lambda device: None)  # a device that opened
+    one = frames.decode_video(data, 8, policy=policy)
+    assert one.decoder == "cuda" and np.array_equal(one.frames, cpu.frames)
+    assert 8 <= one.decoded_frames <= 8 * 60
+    monkeypatch.setattr(frames, "_hwaccel", lambda device: "not a device")
+    assert frames.decode_video(data, 8, policy=policy).decoder == "cpu (not a device)"
+    monkeypatch.setattr(frames, "_hwaccel", lambda device: object())  # fails inside av.open
+    out = frames.decode_video(data, 8, policy=policy)
+    assert out.decoder.startswith("cpu (cuda failed: video: cannot decode the video")
+    assert np.array_equal(out.frames, cpu.frames)
+    with pytest.raises(MediaError, match="cannot"):  # a damaged file is still refused
+        frames.decode_video(data[:2000], 8, policy=policy)

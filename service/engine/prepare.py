@@ -169,11 +169,14 @@ class Preparer:
         if self.style.sampling is not None:  # the processor's rule; the caller's count if set
             extra["sampling"] = replace(self.style.sampling, requested=part.num_frames)
         with timed(stages, "eagle.media.decode", "eagle.preprocess", **{
-                "eagle.media": f"video {k + 1}", "eagle.frames": frames}):
-            return _labelled(part, lambda: self.decode_video(
+                "eagle.media": f"video {k + 1}", "eagle.frames": frames}) as attrs:
+            out = _labelled(part, lambda: self.decode_video(
                 source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
                 size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}",
                 **extra))
+            attrs.update({"eagle.decoder": out.decoder,
+                          "eagle.decoded_frames": out.decoded_frames})
+            return out
 
     def _open_image(self, part: ImagePart, k: int, stack: ExitStack) -> OpenedImage:
         label = f"image {k + 1}"
