@@ -117,3 +117,14 @@ def test_a_damaged_jpeg_gets_the_cpu_paths_error(tiny) -> None:
         prep(_job(data, broken))
     assert str(err.value).startswith("image 2: the JPEG data is damaged or truncated")
     assert err.value.field == "messages[0].content[1]"
+
+
+def test_a_groups_pixel_values_by_slice_equal_the_whole_ones_sliced() -> None:
+    from service.engine.prepare import VisionGroup
+
+    tiles = tiler.split_tiles(factory.photo(900, 600), max_tiles=6)
+    for group in (VisionGroup("a", tiles), VisionGroup("b", torch.from_numpy(tiles))):
+        whole = group.pixel_values("siglip", CPU, torch.float32)
+        assert whole.shape == (7, 3, 448, 448)
+        assert torch.equal(group.pixel_values("siglip", CPU, torch.float32, 2, 5), whole[2:5])
+        assert group.pixel_values("siglip", CPU, torch.bfloat16, 6).dtype == torch.bfloat16

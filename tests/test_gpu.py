@@ -254,3 +254,9 @@ def test_jpeg_tiles_on_the_device_match_the_cpu_path(tiny) -> None:
                        SamplingParams(max_new_tokens=4), VisionParams(max_tiles_per_image=6)))
     assert [isinstance(g.tiles, torch.Tensor) for g in out.groups] == [True, False, False]
     assert out.groups[0].tiles.device.type == device.type
+    for g in out.groups:  # CPU tiles cross as uint8 and are normalised on the device
+        pixels = g.pixel_values("siglip", device, torch.float32, 1, 4)
+        assert pixels.device.type == device.type and pixels.shape == (3, 3, 448, 448)
+        on_cpu = tiler.normalize(g.tiles[1:4].cpu() if isinstance(g.tiles, torch.Tensor)
+                                 else g.tiles[1:4], "siglip")
+        assert torch.allclose(pixels.cpu(), on_cpu, atol=1e-6)

@@ -133,7 +133,7 @@ class VisionSteps:
         if self._todo:
             group, a, b = self._todo.popleft()
             lm = self.enc.lm
-            pixels = tiler_slice(group, a, b, self.enc.norm, lm.device, lm.dtype)
+            pixels = group.pixel_values(self.enc.norm, lm.device, lm.dtype, a, b)
             self._parts[group.key].append(lm.model.encode_tiles(pixels))
             if b == group.tiles.shape[0]:
                 feats = torch.cat(self._parts.pop(group.key))
@@ -147,11 +147,3 @@ class VisionSteps:
         if not self.prep.groups:
             return None
         return torch.cat([self.done[g.key] for g in self.prep.groups])
-
-
-def tiler_slice(group, a: int, b: int, norm: str, device: torch.device,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Normalised pixels of tiles a..b-1 of a group."""
-    from preprocess import tiler
-
-    return tiler.normalize(group.tiles[a:b], norm).to(device=device, dtype=dtype)
