@@ -59,19 +59,16 @@ def parser() -> argparse.ArgumentParser:
 def _format(args: argparse.Namespace) -> dict[str, object]:
     """The response format and logprobs arguments of the request."""
     out: dict[str, object] = {}
-    if args.json_schema:
-        with open(args.json_schema, encoding="utf-8") as f:
-            out["json_schema"] = f.read()
-    elif args.json_object:
+    for kind in ("json_schema", "lark", "gbnf"):  # given as files (the group allows one)
+        if getattr(args, kind):
+            with open(getattr(args, kind), encoding="utf-8") as f:
+                out[kind] = f.read()
+    if args.json_object:
         out["json_object"] = True
     elif args.choice:
         out["choice"] = [c for c in args.choice.split(",") if c]
     elif args.regex:
         out["regex"] = args.regex
-    for kind in ("lark", "gbnf"):
-        if getattr(args, kind):
-            with open(getattr(args, kind), encoding="utf-8") as f:
-                out[kind] = f.read()
     if args.logprobs is not None:
         out.update(logprobs=True, top_logprobs=args.logprobs)
     return out

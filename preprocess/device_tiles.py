@@ -8,12 +8,13 @@ failure take the CPU path (preprocess.tiler), which also owns every error messag
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 
 import torch
 
-from preprocess.tiler import choose_grid
+from preprocess.tiler import choose_grid, cut_grid, resize_chw
 
 # Pillow modes a JPEG opens in that nvJPEG turns into RGB as Pillow would
 DECODABLE_MODES = ("RGB", "L")
@@ -48,20 +49,6 @@ def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
     return x
 
 
-def resize(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 255] -> (3, height, width), bicubic with antialiasing and
-    rounded to whole levels, as the CPU path's uint8 resize: a box reduction to twice the
-    target first when shrinking more than 4x (Pillow's reducing_gap)."""
-    y = x[None]
-    h, w = x.shape[1:]
-    if width * 4 < w or height * 4 < h:
-        y = torch.nn.functional.adaptive_avg_pool2d(
-            y, (max(height * 2, 1), max(width * 2, 1))).round_()
-    y = torch.nn.functional.interpolate(y, size=(height, width), mode="bicubic",
-                                        antialias=True, align_corners=False)
-    return y[0].round_().clamp_(0, 255)
-
-
 def jpeg_tiles(data: bytes, orientation: int, *, device: torch.device, max_tiles: int,
                min_tiles: int = 1, tile_size: int = 448,
                use_thumbnail: bool = True) -> torch.Tensor:
@@ -71,7 +58,7 @@ def jpeg_tiles(data: bytes, orientation: int, *, device: torch.device, max_tiles
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with _stream(device):
+    with _side_stream(device):
         image = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         image = orient(image, orientation).float()
         _, h, w = image.shape
@@ -80,35 +67,20 @@ def jpeg_tiles(data: bytes, orientation: int, *, device: torch.device, max_tiles
         n = cols * rows
         thumb = use_thumbnail and n > 1
         out = torch.empty((n + thumb, tile_size, tile_size, 3), dtype=torch.uint8, device=device)
-        grid = resize(image, cols * tile_size, rows * tile_size)  # (3, rows*s, cols*s)
-        # (3, rows, s, cols, s) -> (rows, cols, s, s, 3) -> (n, s, s, 3)
-        out[:n] = grid.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 2, 4, 0) \
-            .reshape(n, tile_size, tile_size, 3)
+        cut_grid(resize_chw(image, cols * tile_size, rows * tile_size).permute(1, 2, 0), out,
+                 cols, rows)
         if thumb:
-            out[n] = resize(image, tile_size, tile_size).permute(1, 2, 0)
+            out[n] = resize_chw(image, tile_size, tile_size).permute(1, 2, 0)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # ready for the engine's stream
     return out
 
 
-class _stream:
-    """On CUDA, a side stream per media thread, so decoding overlaps the model's steps."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.ctx = None
-        if device.type == "cuda":
-            streams = getattr(_local, "streams", None)
-            if streams is None:
-                streams = _local.streams = {}
-            if device not in streams:
-                streams[device] = torch.cuda.Stream(device)
-            self.ctx = torch.cuda.stream(streams[device])
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _side_stream(device: torch.device):
+    """On CUDA, a stream of this media thread's own, so decoding overlaps the model's steps."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    streams = _local.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return torch.cuda.stream(streams[device])

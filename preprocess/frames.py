@@ -181,8 +181,7 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
     times = [i / info.fps for i in indices]
     sample_fps = len(indices) / span * info.fps
     deadline = time.monotonic() + policy.timeout_s
-    decoder = "cpu"
-    parts = None
+    parts, decoder = None, "cpu"
     if policy.hwaccel:
         hw = _hwaccel(policy.hwaccel)
         if isinstance(hw, str):
@@ -195,22 +194,28 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
             except MediaError as exc:  # the CPU decides whether the file is damaged
                 decoder = f"cpu ({policy.hwaccel} failed: {exc})"
     if parts is None:
-        chunks = _split(times, min(policy.threads, len(times)))
-        budget = max(1, policy.max_decoded_frames // len(chunks))
-        # codec threads: no oversubscription
-        per_worker = max(1, (os.cpu_count() or 2) // len(chunks))
-
-        def work(chunk: list[float]) -> tuple[list[np.ndarray], int]:
-            return _decode_at(source, info, chunk, size, deadline, budget, label, per_worker)
-
-        if len(chunks) == 1:
-            parts = [work(chunks[0])]
-        else:
-            with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
-                parts = list(pool.map(work, chunks))
+        parts = _decode_on_cores(source, info, times, size, deadline, policy, label)
     frames = np.stack([f for part, _ in parts for f in part])
     return DecodedVideo(frames, indices, times, info, sample_fps,
                         sum(n for _, n in parts), decoder)
+
+
+def _decode_on_cores(source: str | bytes, info: VideoInfo, times: list[float], size: int,
+                     deadline: float, policy: VideoPolicy,
+                     label: str) -> list[tuple[list[np.ndarray], int]]:
+    """The CPU decode: one container per thread over contiguous stretches of `times`, the
+    codec threads shared out so the cores are not oversubscribed."""
+    chunks = _split(times, min(policy.threads, len(times)))
+    budget = max(1, policy.max_decoded_frames // len(chunks))
+    per_worker = max(1, (os.cpu_count() or 2) // len(chunks))
+
+    def work(chunk: list[float]) -> tuple[list[np.ndarray], int]:
+        return _decode_at(source, info, chunk, size, deadline, budget, label, per_worker)
+
+    if len(chunks) == 1:
+        return [work(chunks[0])]
+    with ThreadPoolExecutor(len(chunks), thread_name_prefix="video-decode") as pool:
+        return list(pool.map(work, chunks))
 
 
 _HW_UNAVAILABLE: dict[str, str] = {}  # device -> why it could not be opened (not retried)
@@ -388,8 +393,7 @@ def _container_format(source: str | bytes, policy: VideoPolicy, label: str) -> s
 
 def _open(source: str | bytes, fmt: str, hwaccel=None) -> av.container.InputContainer:
     src = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else source
-    extra = {"hwaccel": hwaccel} if hwaccel is not None else {}
-    return av.open(src, mode="r", format=fmt, timeout=(10.0, 10.0), **extra)
+    return av.open(src, mode="r", format=fmt, timeout=(10.0, 10.0), hwaccel=hwaccel)
 
 
 def _split(items: list[float], parts: int) -> list[list[float]]:

@@ -44,10 +44,11 @@ class LoadedModel:
 
 def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     """`tiny`, a checkpoint folder, or a hub id already in the local cache -> a folder."""
-    if ref in ("tiny", "tiny-mob", "tiny-2.5"):
-        from service.engine.tiny import ensure_tiny
+    if ref.startswith("tiny"):
+        from service.engine.tiny import VARIANTS, ensure_tiny
 
-        return ensure_tiny(cache_dir, ref)
+        if ref in VARIANTS:
+            return ensure_tiny(cache_dir, ref)
     path = Path(ref).expanduser()
     if path.is_dir():
         return path

@@ -243,8 +243,7 @@ _POOL_LOCK = threading.Lock()
 
 
 def _images_pool() -> ThreadPoolExecutor:
-    """Threads that decode a request's images side by side (not the tiler's own pool, whose
-    threads these calls wait on)."""
+    """Threads that decode and tile a request's images side by side."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
