@@ -1,6 +1,6 @@
 """JPEG to IAP tiles on the model's device: decoded by nvJPEG (torchvision's decode_jpeg on
-CUDA), oriented, resized (bicubic, antialiased) and cut into tiles there, so a photo's
-pixels never exist on the CPU. The same steps run on a CPU device with libjpeg-turbo, which
+CUDA), oriented, resized (torch's antialiased bicubic: the Eagle2.5 processor's kernel, so
+only for that style) and cut into tiles there, so a photo's pixels never exist on the CPU. The same steps run on a CPU device with libjpeg-turbo, which
 is how the tests cover them without a GPU.
 
 Only baseline RGB and greyscale JPEGs come here; CMYK/YCCK JPEGs, other formats and any
@@ -60,7 +60,9 @@ def jpeg_tiles(data: bytes, orientation: int, *, device: torch.device, max_tiles
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     with _side_stream(device):
         image = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        image = orient(image, orientation).float()
+        image = orient(image, orientation)
+        if device.type != "cpu":  # no uint8 kernel there: the float passes (tiler.resize_chw)
+            image = image.float()
         _, h, w = image.shape
         cols, rows = choose_grid(w, h, min_tiles=min_tiles, max_tiles=max_tiles,
                                  tile_size=tile_size)

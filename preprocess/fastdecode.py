@@ -1,6 +1,7 @@
 """libvips (pyvips) for the formats it decodes fastest on this project's machines: PNG (through
 libspng, 3-4.5x Pillow's zlib path on the bench's documents and screenshots) and WebP (about
-1.2x), and for downscaling what it decoded. Measured in `make bench` (the decoder table).
+1.2x), with Pillow's pixels. Measured in `make bench` (the decoder table). Resizing is not
+done here: libvips' kernels differ from upstream's by up to 18 levels (preprocess.tiler).
 
 Only bytes that Pillow's header check already accepted come here (format, size and pixel
 limits are enforced before any decoding), and each format goes to its own loader, never to
@@ -61,23 +62,8 @@ def size(image: Any) -> tuple[int, int]:
     return image.width, image.height
 
 
-def from_pil(image: Image.Image) -> Any:
-    """An RGB Pillow image as a vips image (one copy of its pixels)."""
-    arr = np.asarray(image)
-    return pyvips.Image.new_from_memory(arr.data, arr.shape[1], arr.shape[0], 3, "uchar")
-
-
 def to_pil(image: Any) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.numpy()), "RGB")
 
 
-def resize(image: Any, width: int, height: int) -> np.ndarray:
-    """(height, width, 3) uint8, bicubic. Used for downscaling only: there libvips' output
-    matches Pillow's to within rounding (PSNR 44 dB on the bench's screenshot); upscaling
-    samples at other pixel centres, so small images go through Pillow."""
-    w, h = image.width, image.height
-    out = image.resize(width / w, vscale=height / h, kernel="cubic").numpy()
-    return out[:height, :width]
-
-
-__all__ = ["FORMATS", "available", "decode", "from_pil", "is_vips", "resize", "size", "to_pil"]
+__all__ = ["FORMATS", "available", "decode", "is_vips", "size", "to_pil"]

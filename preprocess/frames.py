@@ -15,6 +15,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from preprocess import tiler
 from preprocess.errors import MediaError
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class VideoInfo:
 
 @dataclass
 class DecodedVideo:
-    """Sampled frames: uint8 (n, size, size, 3), their indices and times in seconds, and the
+    """Sampled frames: uint8 (n, size, size, 3) as the style's pipeline resizes them, their indices and times in seconds, and the
     rate they were sampled at (frames per second of video)."""
 
     frames: np.ndarray
@@ -153,15 +154,19 @@ def probe_video(source: str | bytes, policy: VideoPolicy = VideoPolicy(),
 def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float = 0.0,
                  end_seconds: float = 0.0, size: int = 448,
                  policy: VideoPolicy = VideoPolicy(), label: str = "video",
-                 sampling: FpsSampling | None = None) -> DecodedVideo:
-    """Sample frames of [start_seconds, end_seconds) and decode them at size x size.
+                 sampling: FpsSampling | None = None, kernel: str = "pillow") -> DecodedVideo:
+    """Sample frames of [start_seconds, end_seconds) and return them at size x size.
 
     Without `sampling`: `num_frames` frames, segment middles (the Eagle2 worker's rule);
     with it: the processor's fps rule, at most `num_frames`. `source` is a path or the
     encoded bytes. Frames are decoded by seeking to the keyframe before each sampled frame,
-    on up to `policy.threads` threads, and scaled to the model's size by swscale (bicubic)
-    straight from YUV. Raises MediaError on bad data or limits.
+    on up to `policy.threads` threads, converted to RGB at the stream's own size (decord's
+    pixels, which upstream reads) and resized by `kernel` (tiler.KERNELS) as the style's
+    pipeline resizes them, a batch at a time. Rotation metadata is not applied, as decord
+    does not. Raises MediaError on bad data or limits.
     """
+    if kernel not in tiler.KERNELS:
+        raise ValueError(f"kernel must be one of {tiler.KERNELS}, got {kernel!r}")
     if not 1 <= num_frames <= policy.max_frames:
         raise MediaError(f"{label}: {num_frames} frames requested, the limit is "
                          f"1 to {policy.max_frames}")
@@ -188,20 +193,20 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
             decoder = f"cpu ({hw})"
         else:
             try:
-                parts = [_decode_at(source, info, times, size, deadline,
+                parts = [_decode_at(source, info, times, (size, kernel), deadline,
                                     policy.max_decoded_frames, label, 0, hw)]
                 decoder = policy.hwaccel
             except MediaError as exc:  # the CPU decides whether the file is damaged
                 decoder = f"cpu ({policy.hwaccel} failed: {exc})"
     if parts is None:
-        parts = _decode_on_cores(source, info, times, size, deadline, policy, label)
+        parts = _decode_on_cores(source, info, times, (size, kernel), deadline, policy, label)
     frames = np.stack([f for part, _ in parts for f in part])
     return DecodedVideo(frames, indices, times, info, sample_fps,
                         sum(n for _, n in parts), decoder)
 
 
-def _decode_on_cores(source: str | bytes, info: VideoInfo, times: list[float], size: int,
-                     deadline: float, policy: VideoPolicy,
+def _decode_on_cores(source: str | bytes, info: VideoInfo, times: list[float],
+                     size: tuple[int, str], deadline: float, policy: VideoPolicy,
                      label: str) -> list[tuple[list[np.ndarray], int]]:
     """The CPU decode: one container per thread over contiguous stretches of `times`, the
     codec threads shared out so the cores are not oversubscribed."""
@@ -257,12 +262,13 @@ def _hwaccel(device: str):
         return why
 
 
-def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size: int,
-               deadline: float, budget: int, label: str,
+def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float],
+               size: tuple[int, str], deadline: float, budget: int, label: str,
                threads: int = 0, hwaccel=None) -> tuple[list[np.ndarray], int]:
-    """Decode the frames at `targets` (sorted seconds) from one container of its own; also
-    how many frames the decoder had to produce for them."""
-    out: list[np.ndarray] = []
+    """Decode the frames at `targets` (sorted seconds) from one container of its own and
+    resize them to `size` = (side, kernel); also how many frames the decoder had to produce
+    for them."""
+    out = _Resizer(*size)
     with _guard(label, "decode"), _open(source, info.container, hwaccel) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -278,7 +284,7 @@ def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size:
         decoded = 0
         for t in targets:
             if held is not None and held[1] >= t - half:
-                out.append(_rgb(held[0], size))
+                out.append(held[0])
                 continue
             if frames is None or held is None or t - held[1] > gop:
                 container.seek(int((t + t0) / tb), stream=stream, backward=True)
@@ -311,12 +317,43 @@ def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float], size:
                                      f"truncated or its header is wrong")
                 frames = iter(())
                 chosen = held[0]
-            out.append(_rgb(chosen, size))
-    return out, decoded
+            out.append(chosen)
+    return out.done(), decoded
 
 
-def _rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
-    return frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="BICUBIC")
+class _Resizer:
+    """Frames converted to RGB at their own size as they are chosen, resized `batch` at a
+    time: torch's kernel runs once per batch, and a batch of 4K frames is 200 MB at most."""
+
+    batch = 8
+
+    def __init__(self, side: int, kernel: str) -> None:
+        self.side, self.kernel = side, kernel
+        self.last: tuple[av.VideoFrame, np.ndarray] | None = None  # a repeat converts once
+        self.pending: list[np.ndarray] = []
+        self.out: list[np.ndarray] = []
+
+    def append(self, frame: av.VideoFrame) -> None:
+        if self.last is None or self.last[0] is not frame:
+            self.last = (frame, frame.to_ndarray(format="rgb24"))
+        self.pending.append(self.last[1])
+        if len(self.pending) >= self.batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        by_shape: list[list[np.ndarray]] = []  # a stream may change size: batches of one size
+        for a in self.pending:
+            if by_shape and by_shape[-1][0].shape == a.shape:
+                by_shape[-1].append(a)
+            else:
+                by_shape.append([a])
+        for same in by_shape:
+            self.out += tiler.resize_frames(same, self.side, self.kernel)
+        self.pending = []
+
+    def done(self) -> list[np.ndarray]:
+        self._flush()
+        return self.out
 
 
 def _clip_range(info: VideoInfo, start: float, end: float, label: str) -> tuple[int, int]:

@@ -44,22 +44,16 @@ class OpenedImage:
         w, h = self.image.size
         return (h, w) if self.orientation in _SWAPS_AXES else (w, h)
 
-    def load(self, min_size: tuple[int, int] | None = None):
-        """Decode to 8-bit RGB, at least `min_size` (w, h) when the codec can scale: a Pillow
-        image, or a libvips one for PNG and WebP (preprocess.fastdecode; the tiler takes
-        either, `decode_image` gives Pillow's).
-
-        JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT when that still covers `min_size`,
-        which is most of the speed on large photos that are tiled down anyway.
-        """
+    def load(self):
+        """Decode to 8-bit RGB at full size (upstream's pipelines resize the whole decoded
+        image, so nothing is dropped in the decoder): a Pillow image, or a libvips one for
+        PNG and WebP (preprocess.fastdecode, the same pixels faster; the tiler takes either,
+        `decode_image` gives Pillow's)."""
         if (self.format in fastdecode.FORMATS and fastdecode.available() and self.data
                 and self.orientation == 1):
             return fastdecode.decode(self.data, self.format, self.label)
         im = self.image
         try:
-            if min_size is not None and self.format == "JPEG":
-                want = min_size[::-1] if self.orientation in _SWAPS_AXES else min_size
-                im.draft("RGB", (max(1, want[0]), max(1, want[1])))
             im.load()
             im = ImageOps.exif_transpose(im) if self.orientation > 1 else im
             return to_rgb(im)
@@ -131,10 +125,10 @@ def _orientation(im: Image.Image, fmt: str) -> int:
     return 1
 
 
-def decode_image(data: bytes, policy: ImagePolicy = ImagePolicy(), label: str = "image",
-                 min_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes, policy: ImagePolicy = ImagePolicy(),
+                 label: str = "image") -> Image.Image:
     """Decode encoded bytes to an 8-bit RGB PIL image with EXIF orientation applied."""
-    image = open_image(data, policy, label).load(min_size)
+    image = open_image(data, policy, label).load()
     return fastdecode.to_pil(image) if fastdecode.is_vips(image) else image
 
 

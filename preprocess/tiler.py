@@ -1,6 +1,9 @@
 """Image Area Preservation (IAP) tiling: the grid choice and the tiles tensor, in one place."""
 from __future__ import annotations
 
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -64,30 +67,38 @@ def count_tiles(width: int, height: int, *, max_tiles: int, min_tiles: int = 1,
     return n + 1 if use_thumbnail and n > 1 else n
 
 
-def split_tiles(image, *, max_tiles: int, min_tiles: int = 1,
-                tile_size: int = 448, use_thumbnail: bool = True) -> np.ndarray:
-    """RGB image (Pillow's, or libvips' from preprocess.fastdecode) -> uint8 array
-    (n, tile_size, tile_size, 3): grid tiles row-major, thumbnail last.
+# The resize each upstream pipeline uses, so tiles and frames carry the pixels the model was
+# trained on. "pillow": Pillow's Image.resize(BICUBIC) (the Eagle2 worker: dynamic_preprocess
+# and its torchvision transform on PIL images). "torch": torch's antialiased bicubic on uint8
+# CHW tensors (the Eagle2.5 processor: torchvision's F.resize on CPU, bit-identical). The two
+# are not interchangeable: they differ by up to 8 levels on documents and 22 on noise.
+KERNELS = ("pillow", "torch")
 
-    Resampling is bicubic with antialiasing, as Pillow's resize (the upstream pipeline's):
-    libvips when it shrinks both axes (the photo's grid and thumbnail in 6 ms against
-    Pillow's 48 ms on two threads, within rounding of Pillow's pixels), torch's uint8
-    kernel otherwise (made to match Pillow: 81 dB on the document's upscale, 2.6x faster).
-    """
-    if not fastdecode.is_vips(image) and image.mode != "RGB":
+
+def split_tiles(image, *, max_tiles: int, min_tiles: int = 1, tile_size: int = 448,
+                use_thumbnail: bool = True, kernel: str = "pillow") -> np.ndarray:
+    """RGB image (Pillow's, libvips' from preprocess.fastdecode, or a uint8 (h, w, 3) array)
+    -> uint8 array (n, tile_size, tile_size, 3): grid tiles row-major, thumbnail last,
+    resized by `kernel` (one of KERNELS) exactly as that upstream pipeline resizes."""
+    if isinstance(image, Image.Image) and image.mode != "RGB":
         raise ValueError(f"tiling needs an RGB image, got mode {image.mode!r}")
-    w, h = fastdecode.size(image) if fastdecode.is_vips(image) else image.size
+    w, h = _size(image)
     cols, rows = choose_grid(w, h, min_tiles=min_tiles, max_tiles=max_tiles,
                              tile_size=tile_size)
     n = cols * rows
-    out = np.empty((n + (1 if use_thumbnail and n > 1 else 0), tile_size, tile_size, 3),
-                   np.uint8)
-    # torch's copy, not numpy's: the upscale's grid is channel-planar underneath, and torch
-    # moves it 1.7x faster (4.6 against 8.0 ms for the document's 12 tiles)
-    cut_grid(torch.from_numpy(_resize(image, cols * tile_size, rows * tile_size)),
-             torch.from_numpy(out), cols, rows)
-    if len(out) > n:
-        out[n] = _resize(image, tile_size, tile_size)
+    thumb = use_thumbnail and n > 1
+    out = np.empty((n + thumb, tile_size, tile_size, 3), np.uint8)
+    image = _for_kernel(image, kernel)
+    targets = [(cols * tile_size, rows * tile_size)] + [(tile_size, tile_size)] * thumb
+    if kernel == "pillow" and thumb:  # Pillow releases the GIL: grid and thumbnail side by side
+        grid, small = _pool().map(lambda t: resize(image, *t, kernel), targets)
+    else:
+        grid, *rest = [resize(image, *t, kernel) for t in targets]
+        small = rest[0] if rest else None
+    # torch's copy, not numpy's: it moves the grid 1.7x faster
+    cut_grid(_tensor(grid), torch.from_numpy(out), cols, rows)
+    if thumb:
+        out[n] = small
     return out
 
 
@@ -99,30 +110,79 @@ def cut_grid(grid: torch.Tensor, out: torch.Tensor, cols: int, rows: int) -> Non
         grid.view(rows, s, cols, s, 3).permute(0, 2, 1, 3, 4))
 
 
-def _resize(image, width: int, height: int) -> np.ndarray:
-    """(height, width, 3) uint8, bicubic with antialiasing."""
-    w, h = fastdecode.size(image) if fastdecode.is_vips(image) else image.size
-    if fastdecode.available() and width <= w and height <= h:
-        if not fastdecode.is_vips(image):
-            image = fastdecode.from_pil(image)
-        return fastdecode.resize(image, width, height)
-    arr = image.numpy() if fastdecode.is_vips(image) else np.asarray(image)
-    x = torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)
+def resize(image, width: int, height: int, kernel: str = "pillow") -> np.ndarray:
+    """(height, width, 3) uint8 from an RGB image (Pillow's, libvips', or a uint8 (h, w, 3)
+    array), resized by `kernel` (one of KERNELS)."""
+    image = _for_kernel(image, kernel)
+    if kernel == "pillow":
+        return np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    x = _tensor(image).permute(2, 0, 1)  # a channels-last view: torch's fast uint8 path
     return resize_chw(x, width, height).permute(1, 2, 0).numpy()
 
 
+def resize_frames(frames: list[np.ndarray], size: int, kernel: str) -> list[np.ndarray]:
+    """Video frames, each uint8 (h, w, 3) of one size, -> (size, size, 3) each, as the style's
+    pipeline resizes a frame (one tile, no thumbnail); torch's kernel takes them as a batch."""
+    if kernel == "pillow" or len(frames) == 1:
+        return [resize(f, size, size, kernel) for f in frames]
+    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (k, 3, h, w), channels last
+    return list(resize_chw(x, size, size).permute(0, 2, 3, 1).numpy())
+
+
 def resize_chw(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """(3, H, W) uint8, or float in [0, 255] (CUDA has no uint8 kernel) -> (3, height,
-    width) of the same dtype in whole levels: bicubic with antialiasing, after a box
-    reduction to twice the target when shrinking more than 4x (Pillow's reducing_gap)."""
-    y = x[None]
-    if width * 4 < x.shape[2] or height * 4 < x.shape[1]:
-        pooled = torch.nn.functional.adaptive_avg_pool2d(
-            y.float(), (max(height * 2, 1), max(width * 2, 1))).round_()
-        y = pooled.to(x.dtype)
-    y = torch.nn.functional.interpolate(y, size=(height, width), mode="bicubic",
-                                        antialias=True)[0]
-    return y if y.dtype == torch.uint8 else y.round_().clamp_(0, 255)
+    """(3, H, W) or (k, 3, H, W), uint8 or float in whole levels (CUDA has no uint8 kernel)
+    -> the same layout at (height, width), same dtype: torch's antialiased bicubic, which on
+    uint8 is torchvision's F.resize bit for bit. Float input takes the uint8 kernel's two
+    passes (width, then height), each rounded and clamped to a level as uint8 storage does:
+    within 2 levels of it, where one float pass overshoots by up to 10."""
+    y = x if x.dim() == 4 else x[None]
+    interp = torch.nn.functional.interpolate
+    if y.dtype == torch.uint8:
+        y = interp(y, size=(height, width), mode="bicubic", antialias=True)
+    else:
+        if width != y.shape[3]:
+            y = interp(y, size=(y.shape[2], width), mode="bicubic", antialias=True)
+            y = y.round_().clamp_(0, 255)
+        if height != y.shape[2]:
+            y = interp(y, size=(height, width), mode="bicubic", antialias=True)
+            y = y.round_().clamp_(0, 255)
+    return y if x.dim() == 4 else y[0]
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A read-only array (Pillow's pixels) as a tensor without a copy: the resize only reads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _size(image) -> tuple[int, int]:
+    if isinstance(image, np.ndarray):
+        return image.shape[1], image.shape[0]
+    return fastdecode.size(image) if fastdecode.is_vips(image) else image.size
+
+
+def _for_kernel(image, kernel: str):
+    """The image in the form `kernel` reads: Pillow's image, or a uint8 (h, w, 3) array."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if fastdecode.is_vips(image):
+        image = image.numpy()
+    if kernel == "pillow":
+        return Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    return np.ascontiguousarray(image)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(2, thread_name_prefix="resize")
+        return _POOL
 
 
 def normalize(tiles: np.ndarray | torch.Tensor, norm: str = "siglip") -> torch.Tensor:
@@ -161,7 +221,8 @@ def _normalize_into(out: torch.Tensor, tiles: np.ndarray,
 
 def tile_image(image: Image.Image, *, max_tiles: int = 12, min_tiles: int = 1,
                tile_size: int = 448, use_thumbnail: bool = True,
-               norm: str = "siglip") -> torch.Tensor:
+               norm: str = "siglip", kernel: str = "pillow") -> torch.Tensor:
     """RGB image -> float32 (n, 3, tile_size, tile_size): IAP tiles, thumbnail last, normalised."""
     return normalize(split_tiles(image, max_tiles=max_tiles, min_tiles=min_tiles,
-                                 tile_size=tile_size, use_thumbnail=use_thumbnail), norm)
+                                 tile_size=tile_size, use_thumbnail=use_thumbnail,
+                                 kernel=kernel), norm)

@@ -24,8 +24,20 @@ from service.engine.prepare import MediaSettings, Preparer
 from service.engine.tiny import ensure_tiny, mob_vision_config, tiny_config
 
 TOWER = "vision_model.vision_model.vision_towers.{}.vision_tower."
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the hub tower's slip_to_clip: x * a + b per channel, a and b float32 tensors
+SLIP_A = torch.tensor([0.5 / s for s in CLIP_STD]).view(1, 3, 1, 1)
+SLIP_B = torch.tensor([(0.5 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(1, 3, 1, 1)
+
+
+def upstream_convnext_input(pixels: torch.Tensor) -> torch.Tensor:
+    """The hub's order: bilinear resize in float32 rounded to the tiles' dtype, slip_to_clip in
+    float32 rounded again, then the tower's bfloat16."""
+    x = F.interpolate(pixels.float(), size=(512, 512), mode="bilinear",
+                      align_corners=True).to(pixels.dtype)
+    x = (x.to(torch.float32) * SLIP_A + SLIP_B).to(pixels.dtype)
+    return x.to(torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +61,7 @@ def _independent(folder: Path):
     prefix = TOWER.format(0) + "vision_model."
     siglip.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
     convnext = ConvNeXt(depths=vision["convnext_depths"], dims=vision["convnext_dims"],
-                        norm_eps=1e-5).eval()
+                        norm_eps=1e-5).eval()  # cast to bfloat16 below, as the hub's tower is
     prefix = TOWER.format(1)
     own = {}
     for k, v in sd.items():
@@ -61,6 +73,7 @@ def _independent(folder: Path):
             own[name] = v
     missing = convnext.load_state_dict(own, strict=False).missing_keys
     assert all(m.startswith("head.") for m in missing)  # the classifier head, unused
+    convnext.to(torch.bfloat16)
     llm = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in raw["llm_config"].items()
                                           if k not in _JUNK})).eval()
     llm.load_state_dict({k[15:]: v for k, v in sd.items() if k.startswith("language_model.")},
@@ -90,11 +103,10 @@ def test_tiny_mob_logits_equal_an_independent_composition(mob, mob_dir) -> None:
         siglip, convnext, mlp, llm = _independent(mob_dir)
         s = siglip(pixel_values=pixels).last_hidden_state  # (3, 1024, 64)
         s = _shuffle_like_upstream(s.reshape(3, 32, 32, -1)).reshape(3, 256, -1)
-        x = F.interpolate(pixels, size=(512, 512), mode="bilinear", align_corners=True)
-        x = (x * 0.5 + 0.5 - CLIP_MEAN) / CLIP_STD  # SigLIP's normalisation undone, CLIP's
-        c = convnext.forward_features(x).flatten(2).transpose(1, 2)  # (3, 256, 48)
+        x = upstream_convnext_input(pixels)
+        c = convnext.forward_features(x).flatten(2).transpose(1, 2)  # (3, 256, 48) bf16
         embeds = llm.get_input_embeddings()(ids).clone()
-        embeds[ids == ctx] = mlp(torch.cat([s, c], -1)).reshape(-1, embeds.shape[-1])
+        embeds[ids == ctx] = mlp(torch.cat([s, c.float()], -1)).reshape(-1, embeds.shape[-1])
         ref = llm(inputs_embeds=embeds[None]).logits[0]
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
@@ -208,7 +220,7 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path, monkeypa
     with pytest.raises(ModelLoadError) as info:
         load_model(tmp_path, device="cpu", dtype="float32")
     assert str(info.value) == (
-        "the model needs 33.2 GiB for its 8.91B parameters in float32, and cpu has 24.0 GiB "
+        "the model needs 31.6 GiB for its 8.91B parameters in float32, and cpu has 24.0 GiB "
         "available; use a smaller dtype (--dtype bfloat16) or a device with more memory")
     monkeypatch.setattr(loader, "available_memory", lambda device: 24 * 2**30)
     with pytest.raises(ModelLoadError, match="missing keys"):  # bf16 fits: on to the keys
@@ -229,3 +241,25 @@ def test_tiny_mob_serves_a_request_and_caches_both_towers(mob) -> None:
         assert again.text == first.text
     finally:
         engine.drain(0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_convnext_tower_runs_in_bfloat16_with_upstreams_rounding(mob_dir, dtype) -> None:
+    loaded = load_model(mob_dir, device="cpu", dtype=dtype)
+    vision = loaded.model.vision_model
+    assert {p.dtype for p in vision.convnext.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in vision.siglip.parameters()} == {loaded.dtype}
+    seen = []
+    forward = vision.convnext.forward_features
+    vision.convnext.forward_features = lambda x: forward(seen.append(x) or x)
+    pixels = (torch.rand(2, 3, 448, 448, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    pixels = pixels.to(loaded.dtype)
+    with torch.inference_mode():
+        loaded.model.encode_tiles(pixels)
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], upstream_convnext_input(pixels))
+    if dtype == "bfloat16":  # the order shows: renormalising before the rounding moves values
+        once = F.interpolate(pixels.float(), size=(512, 512), mode="bilinear",
+                             align_corners=True)
+        once = (once * SLIP_A + SLIP_B).to(torch.bfloat16)
+        assert (once != seen[0]).float().mean() > 0.05

@@ -93,3 +93,54 @@ def test_tile_counts_match_tile_image() -> None:
     for (w, h), cap in [((4032, 3024), 12), ((1080, 19200), 12), ((640, 480), 6), ((50, 50), 1)]:
         n = tiler.count_tiles(w, h, max_tiles=cap)
         assert tiler.split_tiles(Image.new("RGB", (w, h)), max_tiles=cap).shape[0] == n
+
+
+def _noise(w: int, h: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+RESIZES = [((640, 360), (448, 448)), ((300, 200), (896, 448)), ((1000, 560), (896, 448)),
+         ((2000, 300), (1344, 448)), ((37, 1900), (448, 448))]
+
+
+@pytest.mark.parametrize("src, dst", RESIZES)
+def test_each_kernel_is_its_upstream_resize_bit_for_bit(src, dst) -> None:
+    from torchvision.transforms.v2 import functional as F
+
+    arr = _noise(*src)
+    pillow = np.asarray(Image.fromarray(arr).resize(dst, Image.Resampling.BICUBIC))
+    assert np.array_equal(tiler.resize(arr, *dst, kernel="pillow"), pillow)
+    tv = F.resize(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), [dst[1], dst[0]],
+                  interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    assert np.array_equal(tiler.resize(arr, *dst, kernel="torch"), tv.permute(1, 2, 0).numpy())
+
+
+def test_the_two_kernels_are_not_interchangeable() -> None:
+    arr = _noise(608, 926)  # 11 levels apart here (1-2 on most photos and documents)
+    a, b = (tiler.resize(arr, 448, 448, kernel=k) for k in tiler.KERNELS)
+    assert np.abs(a.astype(int) - b).max() > 5
+
+
+def test_the_float_passes_stay_within_two_levels_of_the_uint8_kernel() -> None:
+    for (w, h), (tw, th) in RESIZES:
+        x = torch.from_numpy(_noise(w, h)).permute(2, 0, 1)
+        exact = tiler.resize_chw(x, tw, th)
+        two_pass = tiler.resize_chw(x.float(), tw, th)
+        assert two_pass.dtype == torch.float32
+        assert (two_pass - exact.float()).abs().max() <= 2
+    one_pass = torch.nn.functional.interpolate(x[None].float(), size=(th, tw), mode="bicubic",
+                                               antialias=True)[0].round().clamp(0, 255)
+    assert (one_pass - exact.float()).abs().max() > 2  # why the passes are split
+
+
+def test_frames_resize_as_a_batch_like_one_by_one() -> None:
+    frames = [_noise(640, 360, seed) for seed in range(3)]
+    for kernel in tiler.KERNELS:
+        batch = tiler.resize_frames(frames, 448, kernel)
+        assert all(np.array_equal(b, tiler.resize(f, 448, 448, kernel))
+                   for b, f in zip(batch, frames))
+
+
+def test_an_unknown_kernel_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"kernel must be one of \('pillow', 'torch'\), got 'vips'"):
+        tiler.split_tiles(Image.new("RGB", (500, 500)), max_tiles=4, kernel="vips")

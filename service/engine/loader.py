@@ -207,7 +207,9 @@ def load_model(folder: Path, device: str = "auto", dtype: str = "auto") -> Loade
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key in to_module:
-                    state[to_module[key]] = f.get_tensor(key).to(device=dev, dtype=dtype)
+                    name = to_module[key]
+                    state[name] = f.get_tensor(key).to(
+                        device=dev, dtype=mob_module.param_dtype(name, dtype))
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.language_model.get_output_embeddings().weight = model.embed_tokens.weight
@@ -252,8 +254,10 @@ def available_memory(device: torch.device) -> int:
 def check_memory(model: Eagle2Model, device: torch.device, dtype: torch.dtype,
                  headroom: float = 1.05) -> None:
     """Refuse, before allocating, a model whose weights cannot fit the device, with sizes."""
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    need = params * torch.tensor([], dtype=dtype).element_size()
+    named = {id(p): (n, p) for n, p in model.named_parameters()}.values()
+    params = sum(p.numel() for _, p in named)
+    need = sum(p.numel() * torch.tensor([], dtype=mob_module.param_dtype(n, dtype)).element_size()
+               for n, p in named)
     have = available_memory(device)
     if need * headroom > have:
         raise ModelLoadError(

@@ -3,8 +3,10 @@ features side by side ([SigLIP 4 x hidden | ConvNeXt last width] = 7680 for the 
 
 SigLIP sees the 448 tile as Eagle2 does (last hidden state, pixel shuffle). ConvNeXt sees it
 resized to 512 (bilinear, align_corners) and renormalised from SigLIP's mean/std to
-OpenAI-CLIP's, both in float32; its last stage's 16 x 16 map is flattened row-major, 256
-tokens like SigLIP's. No final norm and no head (`head.*` in a checkpoint is unused).
+OpenAI-CLIP's, each computed in float32 and rounded to the tiles' dtype after it, then runs
+in bfloat16 whatever the model's dtype: the hub's tower casts itself and its input so
+(CONVNEXT_DTYPE). Its last stage's 16 x 16 map is flattened row-major, 256 tokens like
+SigLIP's. No final norm and no head (`head.*` in a checkpoint is unused).
 Facts and what is unverified: shared/reference/eagle-family.md.
 """
 from __future__ import annotations
@@ -29,6 +31,12 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOWER = "vision_model.vision_model.vision_towers.{}.vision_tower."
+CONVNEXT_DTYPE = torch.bfloat16  # the hub's ConvNextVisionTower casts itself to it at load
+
+
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loaded parameter takes: the model's, but ConvNeXt's is always bfloat16."""
+    return CONVNEXT_DTYPE if name.startswith("vision_model.convnext.") else dtype
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,12 @@ class MobVision(nn.Module):
         n, tokens, h = s.shape
         side = int(tokens ** 0.5)
         s = self._shuffle(s.reshape(n, side, side, h)).reshape(n, -1, 4 * h)  # (n, 256, 4h)
-        x = pixel_values.float()  # the resize and renormalisation run in float32
-        x = F.interpolate(x, size=(self.mob.convnext_size,) * 2, mode="bilinear",
-                          align_corners=True)
-        x = x * self.to_clip_scale.float() + self.to_clip_shift.float()
+        # upstream's order: resize in float32, round to the tiles' dtype; renormalise in
+        # float32, round again; the tower's own dtype last
+        dtype = pixel_values.dtype
+        x = F.interpolate(pixel_values.float(), size=(self.mob.convnext_size,) * 2,
+                          mode="bilinear", align_corners=True).to(dtype)
+        x = (x.float() * self.to_clip_scale.float() + self.to_clip_shift.float()).to(dtype)
         first = next(self.convnext.parameters())
         c = self.convnext.forward_features(x.to(first.dtype))  # (n, C, 16, 16)
         c = c.flatten(2).transpose(1, 2)  # (n, 256, C), row-major over the map
@@ -186,5 +196,5 @@ def layer_scale_name(keys, mob: MobConfig) -> str:
     return "gamma"
 
 
-__all__ = ["MobConfig", "MobVision", "build_convnext", "layer_scale_name", "official_mob_names",
-           "order_from_keys", "parse_mob"]
+__all__ = ["CONVNEXT_DTYPE", "MobConfig", "MobVision", "build_convnext", "layer_scale_name",
+           "official_mob_names", "order_from_keys", "param_dtype", "parse_mob"]

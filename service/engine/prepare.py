@@ -180,7 +180,7 @@ class Preparer:
             out = _labelled(part, lambda: self.decode_video(
                 source, frames, start_seconds=part.start_seconds, end_seconds=part.end_seconds,
                 size=self.cfg.image_size, policy=self.settings.video, label=f"video {k + 1}",
-                **extra))
+                kernel=self.style.resize_kernel, **extra))
             attrs.update({"eagle.decoder": out.decoder,
                           "eagle.decoded_frames": out.decoded_frames})
             return out
@@ -211,7 +211,10 @@ class Preparer:
               stages: list[Stage] | None) -> np.ndarray | torch.Tensor:
         size = self.cfg.image_size
         media = {"eagle.media": opened.label}
-        if self.device is not None and device_tiles.usable(opened.format, opened.image.mode):
+        kernel = self.style.resize_kernel
+        # the device resizes with torch's kernel only (Pillow's cannot run there)
+        if (self.device is not None and kernel == "torch"
+                and device_tiles.usable(opened.format, opened.image.mode)):
             with timed(stages, "eagle.tiling", "eagle.preprocess", **media,
                        **{"eagle.format": opened.format, "eagle.decoder": "device"}) as attrs:
                 try:
@@ -226,14 +229,14 @@ class Preparer:
                         self._device_failed = True
                         log.warning("a JPEG could not be tiled on %s (%s); it and any like it "
                                     "take the CPU path", self.device, exc)
-        cols, rows = tiler.choose_grid(*opened.size, max_tiles=cap, tile_size=self.cfg.image_size)
         with timed(stages, "eagle.media.decode", "eagle.preprocess", **media,
                    **{"eagle.format": opened.format, "eagle.width": opened.size[0],
                       "eagle.height": opened.size[1]}):
-            image = _labelled(part, lambda: opened.load(min_size=(cols * size, rows * size)))
-        with timed(stages, "eagle.tiling", "eagle.preprocess", **media) as attrs:
+            image = _labelled(part, opened.load)
+        with timed(stages, "eagle.tiling", "eagle.preprocess", **media,
+                   **{"eagle.resize": kernel}) as attrs:
             tiles = tiler.split_tiles(image, max_tiles=cap, tile_size=size,
-                                      use_thumbnail=self.cfg.use_thumbnail)
+                                      use_thumbnail=self.cfg.use_thumbnail, kernel=kernel)
             attrs["eagle.tiles"] = tiles.shape[0]
         return tiles
 

@@ -102,6 +102,7 @@ class ProcessorPrompt:
 
     worst_frame_line = "Frame 9999 sample at 99999.99s: "
     sampling = FpsSampling()
+    resize_kernel = "torch"  # its fast image processor: torchvision's F.resize on tensors
 
     def __init__(self, tokenizer, template: str | None = None) -> None:
         self.tok = tokenizer

@@ -99,6 +99,7 @@ class WorkerPrompt:
 
     worst_frame_line = "Frame 9999 sampled at 99999.99 seconds: \n"
     sampling = None
+    resize_kernel = "pillow"  # dynamic_preprocess and its transform resize PIL images
 
     def conversation(self, messages, videos, *, timestamps: bool = True) -> list[Segment]:
         return conversation(messages, [list(v.times) for v in videos], timestamps=timestamps)

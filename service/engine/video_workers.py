@@ -69,6 +69,9 @@ class VideoDecoderPool:
                  decoder: Callable = frames.decode_video) -> None:
         self.timeout_s, self.memory_mb, self.decoder = timeout_s, memory_mb, decoder
         self._ctx = multiprocessing.get_context("forkserver")
+        # the decoder's imports (PyAV, and torch for the resize) once, in the fork server,
+        # not in every worker it starts
+        self._ctx.set_forkserver_preload([decoder.__module__])
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
         self.replaced = 0
