@@ -38,6 +38,7 @@ from service.engine.job import (
     VisionParams,
 )
 from service.engine.loader import LoadedModel, attention_backend, build_empty
+from service.engine.prepare import MediaSettings
 from service.engine.scheduler import EngineSettings, NativeEngine
 from service.engine.tiny import ensure_tiny, tiny_config, train_tokenizer
 from tests import factory
@@ -243,8 +244,11 @@ def main() -> None:
     model, cfg = random_model(raw, device, dtype)
     lm = LoadedModel(model, tokenizer, cfg, Path("eagle2-1b-random"), device, dtype)
     batches = [int(b) for b in args.batches.split(",")]
+    # Eagle2-1B as the hub ships it today: the processor's prompt and resize (torch's kernel,
+    # the one the device tiler runs; the worker's Pillow resize keeps JPEGs on the CPU)
     engine = NativeEngine(lm, EngineSettings(max_running=max(batches), max_queue=max(batches),
-                                             batch_invariant=False, vision_cache_tiles=0),
+                                             batch_invariant=False, vision_cache_tiles=0,
+                                             media=MediaSettings(prompt_style="eagle2.5")),
                           context_length=16384)
     if device.type != "cuda":  # the dry run takes the GPU's decode path, minus the capture,
         engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches), capture=False)

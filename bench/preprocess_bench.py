@@ -1,4 +1,5 @@
-"""Preprocessing: the upstream worker's pipeline, restated step by step, against ours."""
+"""Preprocessing: each upstream pipeline (the Eagle2 worker's, the Eagle2.5 processor's),
+restated step by step, against ours with the kernel that reproduces it."""
 from __future__ import annotations
 
 import io
@@ -51,14 +52,37 @@ def upstream_image(data: bytes, max_num: int = 12) -> torch.Tensor:
     return torch.stack([_upstream_transform(t) for t in tiles])
 
 
-def ours_image(data: bytes, max_num: int = 12) -> torch.Tensor:
-    opened = open_image(data)
-    cols, rows = tiler.choose_grid(*opened.size, max_tiles=max_num)
-    image = opened.load(min_size=(448 * cols, 448 * rows))
-    return tiler.tile_image(image, max_tiles=max_num)
+def _processor_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    return F.resize(x, [height, width], interpolation=F.InterpolationMode.BICUBIC)
+
+
+def _processor_normalize(tiles: torch.Tensor) -> torch.Tensor:
+    """The fast processor's fused rescale and normalise: (x / 255 - 0.5) / 0.5."""
+    return tiles.float().mul(1 / 255).sub_(MEAN).div_(STD)
+
+
+def processor_image(data: bytes, max_num: int = 12) -> torch.Tensor:
+    """The Eagle2.5 processor's image path restated: a uint8 tensor resized to the grid by
+    torchvision's F.resize, cropped row-major, the thumbnail resized from the whole image."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    cols, rows = _upstream_grid(image.width, image.height, max_num)
+    grid = _processor_resize(x, 448 * rows, 448 * cols)
+    tiles = [grid[:, r * 448:(r + 1) * 448, c * 448:(c + 1) * 448]
+             for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(_processor_resize(x, 448, 448))
+    return torch.stack([_processor_normalize(t) for t in tiles])
+
+
+def ours_image(data: bytes, max_num: int = 12, kernel: str = "pillow") -> torch.Tensor:
+    return tiler.tile_image(open_image(data).load(), max_tiles=max_num, kernel=kernel)
 
 
 def upstream_video(path: str, n: int = 64) -> torch.Tensor:
+    """The worker: decord at the video's size, each frame through Pillow's resize."""
     import decord
 
     vr = decord.VideoReader(path)
@@ -67,10 +91,30 @@ def upstream_video(path: str, n: int = 64) -> torch.Tensor:
     return torch.stack([_upstream_transform(Image.fromarray(f)) for f in batch])
 
 
-def ours_video(path: str, n: int = 64) -> torch.Tensor:
-    decoded = frames.decode_video(path, n)
+def processor_video(path: str, n: int = 64) -> torch.Tensor:
+    """The processor's resize on decord's frames (the worker's 64 frames, for comparison)."""
+    import decord
+
+    vr = decord.VideoReader(path)
+    batch = vr.get_batch(frames.sample_indices(len(vr), n)).asnumpy()
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    return torch.stack([_processor_normalize(_processor_resize(f, 448, 448)) for f in x])
+
+
+def ours_video(path: str, n: int = 64, kernel: str = "pillow") -> torch.Tensor:
+    decoded = frames.decode_video(path, n, kernel=kernel)
     ours_video.decoded_per_sampled = decoded.decoded_frames / len(decoded.indices)
     return tiler.normalize(decoded.frames)
+
+
+# each checkpoint style's upstream pipeline, and the kernel that reproduces it
+PIPELINES = {"Eagle2 worker": ("pillow", upstream_image, upstream_video),
+             "Eagle2.5 processor": ("torch", processor_image, processor_video)}
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest difference in 8-bit levels between two normalised tile stacks."""
+    return int(round(float((a - b).abs().max()) * 127.5))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,8 +160,8 @@ def cpu_ms(fn, repeat: int = 3) -> float:
 
 
 def decoder_candidates(cache: Path) -> list[dict]:
-    """Each installed decoder on each bench input, decode only (median ms): how the decoders
-    were chosen. JPEG at the 1/2 DCT scale the photo's grid allows."""
+    """Each installed decoder on each bench input, decode only, at full size (median ms): how
+    the decoders were chosen."""
     import io
 
     photo = (cache / "photo-4032x3024.jpg").read_bytes()
@@ -128,18 +172,14 @@ def decoder_candidates(cache: Path) -> list[dict]:
              "BMP 24-bit": (cache / "photo-3000x2000.bmp").read_bytes()}
 
     def pillow(data: bytes):
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG":
-            im.draft("RGB", (im.size[0] // 2, im.size[1] // 2))
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
     candidates = {"Pillow": pillow}
     try:
         import pyvips
 
         def vips(data: bytes):
-            kw = {"shrink": 2} if data[:3] == b"\xff\xd8\xff" else {}
-            return pyvips.Image.new_from_buffer(data, "", **kw).numpy()
+            return pyvips.Image.new_from_buffer(data, "").numpy()
         candidates["libvips (pyvips)"] = vips
     except (ImportError, OSError):
         pass
@@ -147,7 +187,7 @@ def decoder_candidates(cache: Path) -> list[dict]:
         import simplejpeg
 
         candidates["simplejpeg"] = lambda d: simplejpeg.decode_jpeg(
-            d, min_height=1344, min_width=1792) if d[:3] == b"\xff\xd8\xff" else None
+            d) if d[:3] == b"\xff\xd8\xff" else None
     except ImportError:
         pass
     try:
@@ -159,8 +199,8 @@ def decoder_candidates(cache: Path) -> list[dict]:
     try:
         import cv2
 
-        candidates["OpenCV"] = lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), (
-            cv2.IMREAD_REDUCED_COLOR_2 if d[:3] == b"\xff\xd8\xff" else cv2.IMREAD_COLOR))
+        candidates["OpenCV"] = lambda d: cv2.imdecode(np.frombuffer(d, np.uint8),
+                                                      cv2.IMREAD_COLOR)
     except ImportError:
         pass
     rows = []
@@ -186,38 +226,46 @@ def run(out: Path, repeat: int = 5) -> tuple[str, dict]:
     except ImportError:
         have_decord = False
     for name, (kind, path) in inputs(out / ".cache").items():
-        per_sampled = ""
-        if kind == "image":
-            data = path.read_bytes()
-            t_up, up = best_of(lambda d=data: upstream_image(d), repeat)
-            t_ours, ours = best_of(lambda d=data: ours_image(d), repeat)
-            cpu = cpu_ms(lambda d=data: ours_image(d))
-        else:
-            if not have_decord:
-                rows.append([name, "-", "-", "-", "-", "decord not installed", "-"])
-                continue
-            t_up, up = best_of(lambda p=str(path): upstream_video(p), max(1, repeat // 2))
-            t_ours, ours = best_of(lambda p=str(path): ours_video(p), max(1, repeat // 2))
-            cpu = cpu_ms(lambda p=str(path): ours_video(p), 1)
-            per_sampled = f"{ours_video.decoded_per_sampled:.1f}"
-        same = tuple(up.shape) == tuple(ours.shape)
-        quality = psnr(up, ours) if same else float("nan")
-        worst = min(psnr(u, o) for u, o in zip(up, ours)) if same else float("nan")
-        rows.append([name, tuple(ours.shape)[0], f"{t_up * 1000:.0f}", f"{t_ours * 1000:.0f}",
-                     f"{t_up / t_ours:.2f}x", "yes" if same else "NO", f"{quality:.1f} / {worst:.1f}",
-                     f"{1000 / cpu:.1f}", per_sampled or "-"])
-        record.append({"input": name, "tiles": int(ours.shape[0]), "upstream_ms": t_up * 1000,
-                       "ours_ms": t_ours * 1000, "speedup": t_up / t_ours, "same_grid": same,
-                       "psnr_db": quality, "min_tile_psnr_db": worst, "cpu_ms": cpu,
-                       "per_core_per_s": 1000 / cpu, "decoded_per_sampled": per_sampled})
-    text = table(f"Preprocessing: upstream pipeline vs eagle-grpc (median ms, 12-tile cap, "
+        for style, (kernel, up_image, up_video) in PIPELINES.items():
+            per_sampled = ""
+            if kind == "image":
+                data = path.read_bytes()
+                t_up, up = best_of(lambda d=data, f=up_image: f(d), repeat)
+                t_ours, ours = best_of(lambda d=data, k=kernel: ours_image(d, kernel=k), repeat)
+                cpu = cpu_ms(lambda d=data, k=kernel: ours_image(d, kernel=k))
+            else:
+                if not have_decord:
+                    rows.append([name, style, "-", "-", "-", "-", "decord not installed", "-"])
+                    continue
+                runs = max(1, repeat // 2)
+                t_up, up = best_of(lambda p=str(path), f=up_video: f(p), runs)
+                t_ours, ours = best_of(lambda p=str(path), k=kernel: ours_video(p, kernel=k),
+                                       runs)
+                cpu = cpu_ms(lambda p=str(path), k=kernel: ours_video(p, kernel=k), 1)
+                per_sampled = f"{ours_video.decoded_per_sampled:.1f}"
+            same = tuple(up.shape) == tuple(ours.shape)
+            quality = psnr(up, ours) if same else float("nan")
+            worst = levels(up, ours) if same else -1
+            rows.append([name, style, tuple(ours.shape)[0], f"{t_up * 1000:.0f}",
+                         f"{t_ours * 1000:.0f}", f"{t_up / t_ours:.2f}x",
+                         "yes" if same else "NO", worst,
+                         "inf" if quality == float("inf") else f"{quality:.1f}",
+                         f"{1000 / cpu:.1f}", per_sampled or "-"])
+            record.append({"input": name, "pipeline": style, "kernel": kernel,
+                           "tiles": int(ours.shape[0]), "upstream_ms": t_up * 1000,
+                           "ours_ms": t_ours * 1000, "speedup": t_up / t_ours,
+                           "same_grid": same, "max_abs_diff_levels": worst, "psnr_db": quality,
+                           "cpu_ms": cpu, "per_core_per_s": 1000 / cpu,
+                           "decoded_per_sampled": per_sampled})
+    text = table(f"Preprocessing: each upstream pipeline vs eagle-grpc (median ms, 12-tile cap, "
                  f"{os.cpu_count()} cores)",
-                 ["input", "tiles", "upstream ms", "ours ms", "speedup", "same grid",
-                  "PSNR dB (all / worst tile)", "per core per s", "decoded per sampled frame"],
+                 ["input", "upstream pipeline", "tiles", "upstream ms", "ours ms", "speedup",
+                  "same grid", "max |diff| (levels)", "PSNR dB", "per core per s",
+                  "decoded per sampled frame"],
                  rows)
     decoders = decoder_candidates(out / ".cache")
     names = sorted({k for r in decoders for k in r if k != "input"})
-    text += "\n" + table("Decoders, decode only (median ms; JPEG at 1/2 scale)",
+    text += "\n" + table("Decoders, decode only, full size (median ms)",
                          ["input", *names],
                          [[r["input"], *(f"{r[n]:.1f}" if n in r else "-" for n in names)]
                           for r in decoders])

@@ -162,8 +162,8 @@ def decode_video(source: str | bytes, num_frames: int, *, start_seconds: float =
     encoded bytes. Frames are decoded by seeking to the keyframe before each sampled frame,
     on up to `policy.threads` threads, converted to RGB at the stream's own size (decord's
     pixels, which upstream reads) and resized by `kernel` (tiler.KERNELS) as the style's
-    pipeline resizes them, a batch at a time. Rotation metadata is not applied, as decord
-    does not. Raises MediaError on bad data or limits.
+    pipeline resizes them, a batch at a time. Rotation metadata is applied, as decord
+    applies it. Raises MediaError on bad data or limits.
     """
     if kernel not in tiler.KERNELS:
         raise ValueError(f"kernel must be one of {tiler.KERNELS}, got {kernel!r}")
@@ -321,6 +321,14 @@ def _decode_at(source: str | bytes, info: VideoInfo, targets: list[float],
     return out.done(), decoded
 
 
+def _upright(frame: av.VideoFrame) -> np.ndarray:
+    """RGB (h, w, 3) at the stream's size, turned as the container's display matrix says
+    (whole quarter turns, as decord turns them; a mirror matrix reads as a half turn)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 class _Resizer:
     """Frames converted to RGB at their own size as they are chosen, resized `batch` at a
     time: torch's kernel runs once per batch, and a batch of 4K frames is 200 MB at most."""
@@ -335,7 +343,7 @@ class _Resizer:
 
     def append(self, frame: av.VideoFrame) -> None:
         if self.last is None or self.last[0] is not frame:
-            self.last = (frame, frame.to_ndarray(format="rgb24"))
+            self.last = (frame, _upright(frame))
         self.pending.append(self.last[1])
         if len(self.pending) >= self.batch:
             self._flush()

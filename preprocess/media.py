@@ -47,10 +47,12 @@ class OpenedImage:
     def load(self):
         """Decode to 8-bit RGB at full size (upstream's pipelines resize the whole decoded
         image, so nothing is dropped in the decoder): a Pillow image, or a libvips one for
-        PNG and WebP (preprocess.fastdecode, the same pixels faster; the tiler takes either,
-        `decode_image` gives Pillow's)."""
+        JPEG and PNG (preprocess.fastdecode, the same pixels faster; the tiler takes
+        either, `decode_image` gives Pillow's)."""
+        # CMYK JPEGs stay on Pillow: libvips converts their colours another way
         if (self.format in fastdecode.FORMATS and fastdecode.available() and self.data
-                and self.orientation == 1):
+                and self.orientation == 1
+                and (self.format != "JPEG" or self.image.mode in ("RGB", "L"))):
             return fastdecode.decode(self.data, self.format, self.label)
         im = self.image
         try:

@@ -41,7 +41,8 @@ def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
 
 
 def video(path: str | Path | None, seconds: float, fps: int = 30, width: int = 320,
-          height: int = 240, gop_seconds: float = 2.0, fmt: str = "mp4") -> bytes:
+          height: int = 240, gop_seconds: float = 2.0, fmt: str = "mp4",
+          pix_fmt: str = "yuv420p") -> bytes:
     """An H.264 clip whose frame i shows i as a grey level band, so decoded frames are identifiable.
 
     Written to `path` when given; the encoded bytes are returned either way.
@@ -49,7 +50,7 @@ def video(path: str | Path | None, seconds: float, fps: int = 30, width: int = 3
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=fmt) as out:
         stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.gop_size = max(1, int(gop_seconds * fps))
         stream.options = {"preset": "ultrafast", "bf": "0", "sc_threshold": "0"}
         base = photo(width, height, seed=3)

@@ -230,6 +230,7 @@ def test_jpeg_tiles_on_the_device_match_the_cpu_path(tiny) -> None:
     from preprocess import device_tiles, tiler
     from preprocess.media import decode_image, open_image
     from service.engine.prepare import MediaSettings, Preparer
+    from service.engine.processor_prompt import ProcessorPrompt
 
     device = torch.device(DEVICE)
     exif = Image.Exif()
@@ -240,13 +241,14 @@ def test_jpeg_tiles_on_the_device_match_the_cpu_path(tiny) -> None:
     for data in photos:
         ours = device_tiles.jpeg_tiles(data, open_image(data).orientation, device=device,
                                        max_tiles=12)
-        ref = tiler.split_tiles(decode_image(data), max_tiles=12)
+        ref = tiler.split_tiles(decode_image(data), max_tiles=12, kernel="torch")
         assert ours.device.type == device.type and tuple(ours.shape) == ref.shape
         worst = min(10 * np.log10(255.0 ** 2 / max(np.mean(
             (a.astype(np.float64) - b.astype(np.float64)) ** 2), 1e-12))
             for a, b in zip(ours.cpu().numpy(), ref))
         assert worst >= 30.0, worst
-    prep = Preparer(tiny.tokenizer, tiny.cfg, 16384, MediaSettings(), device=device)
+    prep = Preparer(tiny.tokenizer, tiny.cfg, 16384, MediaSettings(), device=device,
+                    style=ProcessorPrompt(tiny.tokenizer))  # the device path's kernel: torch's
     png = factory.encode(factory.document(500, 700), "PNG")
     cmyk = factory.encode(factory.photo(640, 480).convert("CMYK"), "JPEG")
     parts = (ImagePart(data=photos[0]), ImagePart(data=png), ImagePart(data=cmyk))
