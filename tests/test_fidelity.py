@@ -18,7 +18,15 @@ from PIL import Image
 from preprocess import frames as vid
 from preprocess import tiler
 from preprocess.media import open_image
-from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, TextPart, VideoPart, VisionParams
+from service.engine.job import (
+    ChatJob,
+    ChatMessage,
+    ImagePart,
+    Role,
+    TextPart,
+    VideoPart,
+    VisionParams,
+)
 from service.engine.prepare import MediaSettings, Preparer
 from service.engine.processor_prompt import ProcessorPrompt
 
