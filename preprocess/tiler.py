@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -91,7 +90,8 @@ def split_tiles(image, *, max_tiles: int, min_tiles: int = 1, tile_size: int = 4
     image = _for_kernel(image, kernel)
     targets = [(cols * tile_size, rows * tile_size)] + [(tile_size, tile_size)] * thumb
     if kernel == "pillow" and thumb:  # Pillow releases the GIL: grid and thumbnail side by side
-        grid, small = _pool().map(lambda t: resize(image, *t, kernel), targets)
+        grid, small = _side_by_side(lambda: resize(image, *targets[0], kernel),
+                                    lambda: resize(image, *targets[1], kernel))
     else:
         grid, *rest = [resize(image, *t, kernel) for t in targets]
         small = rest[0] if rest else None
@@ -173,16 +173,24 @@ def _for_kernel(image, kernel: str):
     return np.ascontiguousarray(image)
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+def _side_by_side(first, second):
+    """first() here and second() on a thread of its own (no pool left behind), both results."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(_outcome(second)), name="resize")
+    worker.start()
+    a = first()
+    worker.join()
+    ok, b = out[0]
+    if not ok:
+        raise b
+    return a, b
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(2, thread_name_prefix="resize")
-        return _POOL
+def _outcome(fn) -> tuple[bool, object]:
+    try:
+        return True, fn()
+    except Exception as exc:  # re-raised in the caller's thread
+        return False, exc
 
 
 def normalize(tiles: np.ndarray | torch.Tensor, norm: str = "siglip") -> torch.Tensor:

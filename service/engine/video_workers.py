@@ -1,4 +1,4 @@
-"""Video decoding in child processes: a wall-clock timeout, an address-space limit, and a
+"""Video decoding in child processes: a wall-clock timeout, a data-memory limit, and a
 fresh process in place of one that hung or crashed. FFmpeg runs native code on hostile
 input; a hang there holds the GIL and a crash takes the process, so it must not be ours."""
 from __future__ import annotations
@@ -20,10 +20,15 @@ log = logging.getLogger(__name__)
 
 
 def _child(conn: Connection, memory_mb: int) -> None:
-    """The worker loop: decode requests until the pipe closes."""
+    """The worker loop: decode requests until the pipe closes. The memory limit is on data
+    (heap and anonymous mappings), not address space: torch, which resizes the frames, maps
+    3.4 GB of libraries that are shared and never written."""
     if memory_mb:
         limit = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    import torch
+
+    torch.set_num_threads(1)  # the decoder's threads already cover the cores: no torch pool
     while True:
         try:
             fn, kwargs = conn.recv()
