@@ -1,9 +1,10 @@
-"""libvips (pyvips) for the formats it decodes fastest on this project's machines with Pillow's
-exact pixels: PNG (through libspng, 2-3x Pillow's zlib path on the bench's documents and
-screenshots) and RGB/greyscale JPEG (the same libjpeg-turbo decode, 20% faster: 66 against
-86 ms for 12 MP). Measured in `make bench` (the decoder table). WebP stays with Pillow: the
-two bundle different libwebp builds (up to 2 levels apart) and Pillow's is faster. Resizing is
-not done here: libvips' kernels differ from upstream's by up to 18 levels (preprocess.tiler).
+"""libvips (pyvips) for PNG, which it decodes fastest on this project's machines with Pillow's
+exact pixels (through libspng, 2-4x Pillow's zlib path on the bench's documents and
+screenshots). Measured in `make bench` (the decoder table). JPEG stays with Pillow: libvips'
+decode is the same libjpeg-turbo, within noise of it (0-20% across runs), and its worker
+threads grow with concurrent decodes. WebP too: the two bundle different libwebp builds (up to
+2 levels apart) and Pillow's is faster. Resizing is not done here: libvips' kernels differ
+from upstream's by up to 18 levels (preprocess.tiler).
 
 Only bytes that Pillow's header check already accepted come here (format, size and pixel
 limits are enforced before any decoding), and each format goes to its own loader, never to
@@ -18,9 +19,9 @@ from PIL import Image
 
 from preprocess.errors import MediaError
 
-FORMATS = ("JPEG", "PNG")
-_NAMES = {"JPEG": "JPEG", "PNG": "PNG"}
-_LOADERS = {"JPEG": "jpegload_buffer", "PNG": "pngload_buffer"}
+FORMATS = ("PNG",)
+_NAMES = {"PNG": "PNG"}
+_LOADERS = {"PNG": "pngload_buffer"}
 
 try:  # an optional speed-up: the server extra brings it, a bare install does without
     import pyvips
@@ -39,9 +40,9 @@ def is_vips(image: Any) -> bool:
 
 
 def decode(data: bytes, fmt: str, label: str) -> Any:
-    """Encoded JPEG (RGB or greyscale) or PNG -> an 8-bit sRGB vips image in memory, alpha
-    composited onto white and 16-bit scaled as Pillow's path does (to_rgb), the same pixels
-    as Pillow's. Raises MediaError when damaged."""
+    """Encoded PNG -> an 8-bit sRGB vips image in memory, alpha composited onto white and
+    16-bit scaled as Pillow's path does (to_rgb), the same pixels as Pillow's. Raises
+    MediaError when damaged."""
     loader = getattr(pyvips.Image, _LOADERS[fmt])
     try:
         image = loader(data, fail_on="warning")

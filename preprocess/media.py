@@ -47,12 +47,10 @@ class OpenedImage:
     def load(self):
         """Decode to 8-bit RGB at full size (upstream's pipelines resize the whole decoded
         image, so nothing is dropped in the decoder): a Pillow image, or a libvips one for
-        JPEG and PNG (preprocess.fastdecode, the same pixels faster; the tiler takes
-        either, `decode_image` gives Pillow's)."""
-        # CMYK JPEGs stay on Pillow: libvips converts their colours another way
+        PNG (preprocess.fastdecode, the same pixels faster; the tiler takes either,
+        `decode_image` gives Pillow's)."""
         if (self.format in fastdecode.FORMATS and fastdecode.available() and self.data
-                and self.orientation == 1
-                and (self.format != "JPEG" or self.image.mode in ("RGB", "L"))):
+                and self.orientation == 1):
             return fastdecode.decode(self.data, self.format, self.label)
         im = self.image
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ AnyChatRequest = chat_pb2.ChatRequest | chat_pb2.StreamChatRequest
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_TOP_K = 8, 64, 1000
 MAX_TOP_LOGPROBS = 20
 MAX_FORMAT_CHARS = 256 * 1024  # a schema, regex or grammar
+# Shapes a grammar engine handles in time and stack: chained rules past a few thousand
+# overflowed llguidance's stack (a segfault), and deep nesting costs recursion alike. What
+# passes these is still compiled first in a killable process (service/engine/grammar_probe).
+MAX_GRAMMAR_RULES = 1000
+MAX_NESTING = 64  # brackets in a grammar or regex, objects and arrays in a JSON Schema
+_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][\w.-]*[ \t]*(?:::=|:)", re.MULTILINE)
+_QUOTED = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'')
+_ESCAPED = re.compile(r"\\.")
+_CLASS = re.compile(r"\[(?:[^\]\\]|\\.)*\]")
 MAX_CHOICES, MAX_CHOICE_CHARS = 1024, 1024
 
 
@@ -253,6 +263,8 @@ def _response_format(g: chat_pb2.GenerationConfig) -> ResponseFormat | None:
     if kind == "json_schema":
         text = g.json_schema.schema
         _check_format_text(text, f"{where}.schema")
+        _check_nesting(_QUOTED.sub("", text), "{[", "}]", f"{where}.schema",
+                       "the schema nests objects and arrays")
         try:
             schema = json.loads(text)
         except ValueError as exc:
@@ -263,6 +275,8 @@ def _response_format(g: chat_pb2.GenerationConfig) -> ResponseFormat | None:
         return ResponseFormat("json_schema", text, g.json_schema.strict, where)
     if kind == "regex":
         _check_format_text(g.regex, where)
+        _check_nesting(_CLASS.sub("", _ESCAPED.sub("", g.regex)), "(", ")", where,
+                       "the regex nests groups")
         return ResponseFormat("regex", g.regex, field=where)
     if kind == "choice":
         choices = list(g.choice.choices)
@@ -279,7 +293,27 @@ def _response_format(g: chat_pb2.GenerationConfig) -> ResponseFormat | None:
         raise RequestError(where, "the grammar has neither lark nor gbnf")
     text = getattr(g.grammar, syntax)
     _check_format_text(text, f"{where}.{syntax}")
+    rules = len(_RULE.findall(text))
+    if rules > MAX_GRAMMAR_RULES:
+        raise RequestError(f"{where}.{syntax}", f"{rules:,} rules, over the limit of "
+                                                f"{MAX_GRAMMAR_RULES:,}")
+    _check_nesting(_CLASS.sub("", _QUOTED.sub("", _ESCAPED.sub("", text))), "([{", ")]}",
+                   f"{where}.{syntax}", "the grammar nests brackets")
     return ResponseFormat(syntax, text, field=f"{where}.{syntax}")
+
+
+def _check_nesting(text: str, opening: str, closing: str, where: str, what: str) -> None:
+    """Depth of the brackets in `text` (strings already removed), without recursion."""
+    depth = deepest = 0
+    for ch in re.sub(f"[^{re.escape(opening + closing)}]", "", text):  # brackets only
+        if ch in opening:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in closing:
+            depth = max(0, depth - 1)
+    if deepest > MAX_NESTING:
+        raise RequestError(where, f"{what} {deepest} levels deep, over the limit of "
+                                  f"{MAX_NESTING}")
 
 
 def _check_format_text(text: str, where: str) -> None:

@@ -9,7 +9,6 @@ small wheel with no Python dependencies.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from service.engine.grammar_probe import CompileProbe, build_tokenizer, first_line, grammar_text
 from service.engine.job import InvalidRequest, ResponseFormat
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,9 @@ class GrammarSettings:
     cache_size: int = 256  # compiled formats kept (LRU)
     compile_timeout_s: float = 10.0  # a format that compiles longer is INVALID_ARGUMENT
     threads: int = 2  # mask computation across a batch's constrained rows
+    # new formats compile first in killable child processes (grammar_probe), this many at once
+    compile_workers: int = 2
+    compile_memory_mb: int = 2048  # each compile process's data limit
 
 
 class Constraint:
@@ -67,9 +70,14 @@ class Grammars:
         self.settings = settings
         self.vocab_limit = vocab_limit
         self.words = (vocab_limit + 31) // 32  # int32 words of one row's bitmask
-        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar")
-        self._tokenizer = self._compiler.submit(_build_tokenizer, tokenizer, vocab_limit,
+        self._compiler = ThreadPoolExecutor(max(1, settings.compile_workers),
+                                            thread_name_prefix="grammar")
+        self._tokenizer = self._compiler.submit(build_tokenizer, tokenizer, vocab_limit,
                                                 sorted(stop_ids))
+        # started on the first new format, never for an engine that sees none
+        self.probe = CompileProbe(tokenizer, vocab_limit, sorted(stop_ids),
+                                  settings.compile_workers, settings.compile_timeout_s,
+                                  settings.compile_memory_mb)
         self._cache: OrderedDict[tuple[str, str, bool], object] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = None
@@ -86,6 +94,7 @@ class Grammars:
             if template is not None:
                 self._cache.move_to_end(key)
         if template is None:
+            self.probe.check(fmt)  # a crash or a runaway ends in a child process, not here
             job = self._compiler.submit(self._compile, fmt)
             try:
                 template = job.result(timeout=self.settings.compile_timeout_s)
@@ -99,6 +108,9 @@ class Grammars:
                     self._cache.popitem(last=False)
         return Constraint(template.deep_copy(), fmt)
 
+    def close(self) -> None:
+        self.probe.close()
+
     def cached(self, fmt: ResponseFormat) -> bool:
         with self._lock:
             return (fmt.kind, fmt.spec, fmt.strict) in self._cache
@@ -106,13 +118,13 @@ class Grammars:
     def _compile(self, fmt: ResponseFormat):
         from llguidance import LLMatcher
 
-        grammar = _grammar(fmt)
+        grammar = grammar_text(fmt)
         matcher = LLMatcher(self._tokenizer.result(), grammar, log_level=0)
         if not matcher.is_error():  # the first mask builds most of the lexer: do it here,
             scratch = torch.empty(self.words, dtype=torch.int32)  # under the time limit
             matcher.unsafe_compute_mask_ptr(scratch.data_ptr(), scratch.numel() * 4)
         if matcher.is_error():
-            raise InvalidRequest(f"{fmt.field}: {_first_line(matcher.get_error())}",
+            raise InvalidRequest(f"{fmt.field}: {first_line(matcher.get_error())}",
                                  field=fmt.field)
         return matcher
 
@@ -150,46 +162,6 @@ class Grammars:
         if found is None:
             found = self._bytes[token_id] = self._tokenizer.result().decode_bytes([token_id])
         return found
-
-
-def _build_tokenizer(tokenizer, vocab_limit: int, stop_ids: list[int]):
-    import llguidance.hf
-
-    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_limit, eos_token=stop_ids)
-
-
-def _grammar(fmt: ResponseFormat) -> str:
-    """The llguidance grammar text for a format. Replies to JSON formats are compact: no
-    whitespace between tokens (a model cannot loop on whitespace, and it costs no tokens)."""
-    from llguidance import LLMatcher
-
-    options = {"whitespace_flexible": False, "lenient": not fmt.strict}
-    if fmt.kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(fmt.spec, defaults=options)
-    if fmt.kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=options)
-    if fmt.kind == "regex":
-        return LLMatcher.grammar_from_regex(fmt.spec)
-    if fmt.kind == "choice":  # Lark string literals: JSON's escapes are valid in them
-        literals = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(fmt.spec))
-        return LLMatcher.grammar_from_lark(f"start: {literals}")
-    if fmt.kind == "lark":
-        return LLMatcher.grammar_from_lark(fmt.spec)
-    if fmt.kind == "gbnf":
-        from llguidance.gbnf_to_lark import gbnf_to_lark
-
-        try:
-            return LLMatcher.grammar_from_lark(gbnf_to_lark(fmt.spec))
-        except Exception as exc:  # the converter's own parse errors
-            raise InvalidRequest(f"{fmt.field}: {_first_line(str(exc))}",
-                                 field=fmt.field) from None
-    raise InvalidRequest(f"{fmt.field}: unknown format {fmt.kind!r}", field=fmt.field)
-
-
-def _first_line(text: str, limit: int = 500) -> str:
-    """The library's reason without the grammar dump that may follow it."""
-    first = text.strip().split("\n<state>")[0].split("\n<grammar>")[0]
-    return first[:limit]
 
 
 __all__ = ["Constraint", "GrammarSettings", "Grammars"]

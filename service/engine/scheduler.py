@@ -216,6 +216,7 @@ class NativeEngine:
         self._masks.shutdown(wait=False, cancel_futures=True)
         if self.video_pool is not None:
             self.video_pool.close()
+        self.grammars.close()
 
     # the media stage (worker threads) -------------------------------------------------------
     def _prepare(self, stream: JobStream, t_submit: float) -> None:
