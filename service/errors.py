@@ -30,6 +30,21 @@ _ENGINE = {name: getattr(grpc.StatusCode, name) for name in (
     "INTERNAL", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED")}
 
 
+# A status message travels percent-encoded in the grpc-message header, and again inside the
+# base64 details (BadRequest repeats it): kept to 1,000 UTF-8 bytes, the whole status stays
+# under 6 KB, well inside the 16 KB of metadata a default client accepts.
+MAX_MESSAGE_BYTES = 1000
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut to `limit` UTF-8 bytes with a note of how much was cut."""
+    data = message.encode("utf-8")
+    if len(data) <= limit:
+        return message
+    head = data[:limit - 60].decode("utf-8", "ignore")
+    return f"{head}... ({len(message) - len(head):,} more characters cut)"
+
+
 class RequestError(Exception):
     """A request field that fails validation: INVALID_ARGUMENT naming the field."""
 
@@ -59,6 +74,7 @@ def rich_status(code: grpc.StatusCode, message: str, field: str = "", retry_ms: 
                 trailers: tuple[tuple[str, str], ...] = ()) -> grpc.Status:
     """A google.rpc.Status with BadRequest (the field) or RetryInfo (overload) attached, and
     `trailers` sent beside it in the trailing metadata."""
+    message = bounded(message)
     details = []
     if field:
         bad = error_details_pb2.BadRequest(field_violations=[

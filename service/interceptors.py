@@ -11,10 +11,12 @@ _OPEN = ("/grpc.health.v1.Health/",)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` in constant time; never logs the token."""
+    """Checks `authorization: Bearer <token>` in constant time (the scheme in any case, as
+    HTTP auth schemes are); never logs the token. Every method kind is covered: unary,
+    server, client and bidirectional streaming (reflection is the last)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -23,8 +25,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(_OPEN):
             return await continuation(details)
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        sent_bytes = sent.encode() if isinstance(sent, str) else bytes(sent)
-        if hmac.compare_digest(sent_bytes, self._expected):
+        sent = sent if isinstance(sent, str) else bytes(sent).decode("latin-1")
+        scheme, _, token = sent.strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"),
+                                                              self._expected):
             return await continuation(details)
         handler = await continuation(details)
         why = ("missing authorization metadata: send 'authorization: Bearer <token>'"
@@ -33,22 +37,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler | None, why: str) -> grpc.RpcMethodHandler:
-    """A handler of the same cardinality as the real one that aborts UNAUTHENTICATED."""
+    """A handler of the same kind as the real one (unary or streaming, each way) that aborts
+    UNAUTHENTICATED without reading the request."""
 
-    async def unary(request, context):
+    async def respond_once(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-    async def stream(request, context):
+    async def respond_streaming(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         yield  # pragma: no cover (makes this an async generator)
 
-    streaming = handler is not None and handler.response_streaming
-    if handler is not None and handler.request_streaming:
-        raise NotImplementedError("no client-streaming methods are served")
     kwargs = {}
     if handler is not None:
         kwargs = {"request_deserializer": handler.request_deserializer,
                   "response_serializer": handler.response_serializer}
-    if streaming:
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    requests = handler is not None and handler.request_streaming
+    responses = handler is not None and handler.response_streaming
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[(requests, responses)]
+    return make(respond_streaming if responses else respond_once, **kwargs)

@@ -146,3 +146,37 @@ def test_a_runaway_compile_is_killed_at_the_limit_and_never_blocks_another(probe
     probe.check(_fmt("regex", "[0-9]{2}"))
     probe.check(_fmt("regex", "[0-9]{3}"))
     assert time.monotonic() - start < 1.0
+
+
+def test_the_largest_bad_formats_get_their_error_in_a_bounded_status(server) -> None:
+    """A syntax error deep in a 250 KB grammar: the caller gets INVALID_ARGUMENT with a
+    message cut to 1,000 bytes, status and details together far under a default client's
+    16 KB of metadata (not RESOURCE_EXHAUSTED from its own limit)."""
+    rules = "".join(f'r{i}: "{"x" * 200}"\n' for i in range(900))
+    broken = "start: r0\n" + rules + 'r900: "unterminated \n' + "y" * 40_000
+    for mutate in (lambda g: setattr(g.grammar, "lark", broken),
+                   lambda g: setattr(g.grammar, "gbnf", broken.replace(":", " ::=")),
+                   lambda g: setattr(g.json_schema, "schema", '{"type": "string", "pattern": "'
+                                     + "(a" * 60 + "[" * 20_000 + '"}')):
+        req = chat_pb2.ChatRequest()
+        req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="hi")
+        mutate(req.generation)
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                chat_pb2_grpc.ChatServiceStub(channel).Chat(req, timeout=60)
+        err = info.value
+        assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert len(err.details().encode()) <= 1000
+        trailers = sum(len(k) + len(v) for k, v in err.trailing_metadata())
+        assert trailers < 6 * 1024, trailers
+
+
+def test_every_status_message_is_cut_to_a_thousand_bytes_with_a_note() -> None:
+    from service.errors import rich_status
+
+    long = "é" * 30_000  # 60,000 bytes: the worst case for percent-encoding
+    status = rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"field: {long}", "field")
+    assert len(status.details.encode()) <= 1000
+    assert status.details.endswith("... (29,534 more characters cut)"), status.details[-60:]
+    size = sum(len(k) + len(v) for k, v in status.trailing_metadata)
+    assert size < 3000, size  # the details proto repeats the message: still bounded

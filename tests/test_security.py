@@ -63,6 +63,76 @@ def test_the_right_token_passes_and_health_stays_open(auth_server) -> None:
         health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize("header,ok", [("bearer " + TOKEN, True), ("BEARER  " + TOKEN, True),
+                                       ("Basic " + TOKEN, False), (TOKEN, False),
+                                       ("Bearer " + TOKEN.upper(), False)])
+def test_the_scheme_is_matched_in_any_case_and_the_token_exactly(auth_server, header,
+                                                                 ok) -> None:
+    from eagle.v1 import chat_pb2, chat_pb2_grpc
+
+    with grpc.insecure_channel(auth_server.target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        call = lambda: stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=10,  # noqa: E731
+                                         metadata=(("authorization", header),))
+        if ok:
+            assert call().model_name
+        else:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_reflection_a_bidirectional_stream_is_refused_without_a_token(auth_server,
+                                                                      caplog) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(auth_server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(replies)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details() == ("missing authorization metadata: send 'authorization: "
+                                    "Bearer <token>'")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("requests,responses", [(False, False), (False, True), (True, False),
+                                                (True, True)])
+def test_every_method_kind_gets_a_refusal_of_its_own_kind(requests, responses) -> None:
+    import asyncio
+
+    from service.interceptors import _deny
+
+    real = grpc.RpcMethodHandler()
+    real.request_streaming, real.response_streaming = requests, responses
+    real.request_deserializer = real.response_serializer = None
+    refusal = _deny(real, "no token")
+    assert (refusal.request_streaming, refusal.response_streaming) == (requests, responses)
+    handler = [refusal.unary_unary, refusal.unary_stream, refusal.stream_unary,
+               refusal.stream_stream][2 * requests + responses]
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        async def abort(self, code, details):
+            raise Aborted(code, details)
+
+    async def run() -> None:
+        result = handler(None, Context())
+        if responses:
+            await result.__anext__()
+        else:
+            await result
+
+    with pytest.raises(Aborted) as info:
+        asyncio.run(run())
+    assert info.value.args == (grpc.StatusCode.UNAUTHENTICATED, "no token")
+
+
 def _cert(name: str, issuer_key, issuer_name, key, ca: bool = False, san: str = "localhost"):
     now = dt.datetime.now(dt.timezone.utc)
     builder = (x509.CertificateBuilder()
