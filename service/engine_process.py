@@ -13,22 +13,32 @@ vision tower, the batch and detokenisation. Between them is one pipe:
                        ("wedged",), ("drained",)
 
 An event item is the delta's text (str; a Delta when it carries logprobs), a Trace, a
-Finished, an error, or None for the end of the stream. Keys are the server's own numbers: request ids come from clients and may repeat.
+Finished, an error, or None for the end of the stream. Keys are the server's own numbers:
+request ids come from clients and may repeat.
 The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a process-group kill reaches
-it too) and follows the server: drain when told, exit when the pipe closes. If the child
-dies, every running call gets UNAVAILABLE and the server reports itself wedged (exit 3).
+it too) and follows the server: drain when told, exit when the pipe closes.
+
+The child is supervised. If it dies (a native crash, the kernel's OOM killer) or reports a
+model step stuck past its limit (it is then killed), the calls it held get UNAVAILABLE, the
+server reports NOT_SERVING while a new child loads the model, then serves again. Only a
+crash loop ends the server (exit 3): more than `engine_restarts` deaths within
+`engine_restart_window_s`. A request that was running at two deaths is refused from then on
+(INVALID_ARGUMENT), so one poisonous request cannot keep taking the replica down.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from service import logs
@@ -36,6 +46,8 @@ from service.engine.job import (
     ChatJob,
     Delta,
     EngineError,
+    InvalidRequest,
+    ModelLoadError,
     Unavailable,
     check_admission,
 )
@@ -80,41 +92,52 @@ class EngineProcess:
     """The Engine interface (submit, cancel, info, stats, drain, wedged) over a child process."""
 
     def __init__(self, settings: Settings, start_timeout_s: float = _START_TIMEOUT_S) -> None:
-        from service.engine.job import ModelLoadError
-
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child_main, args=(settings, child), name="eagle-engine")
-        self.proc.start()
-        child.close()
-        try:
-            if not self._conn.poll(start_timeout_s):
-                self.proc.kill()
-                raise ModelLoadError(f"the engine process did not load the model within "
-                                     f"{start_timeout_s:g} s")
-            kind, payload = self._conn.recv()
-        except (EOFError, OSError):
-            self.proc.join(5)
-            raise ModelLoadError(f"the engine process exited while loading the model (exit "
-                                 f"code {self.proc.exitcode})") from None
-        if kind != "ready":
-            self.proc.join(10)
-            raise ModelLoadError(payload)
-        self._info = payload
+        self._settings, self._start_timeout_s = settings, start_timeout_s
         self._max_running, self._max_queue = settings.max_running, settings.max_queue
         self._lock = threading.Lock()
         self._streams: dict[int, JobStream] = {}
         self._keys = itertools.count()
         self._accepting = True
         self._drained = False
-        self.wedged = False
+        self.wedged = False  # a crash loop, or a child that cannot load the model again
+        self.restarting = False  # a new child is loading the model
+        self.restarts = 0
+        self._deaths: list[float] = []
+        self._suspects: OrderedDict[str, int] = OrderedDict()  # content -> deaths it saw
         self._stats_lock = threading.Lock()
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._last_stats: dict[str, int] = {}
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start a child and wait until it has loaded the model; raises ModelLoadError."""
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_main, args=(self._settings, child), name="eagle-engine")
+        proc.start()
+        child.close()
+        try:
+            if not conn.poll(self._start_timeout_s):
+                proc.kill()
+                raise ModelLoadError(f"the engine process did not load the model within "
+                                     f"{self._start_timeout_s:g} s")
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise ModelLoadError(f"the engine process exited while loading the model (exit "
+                                 f"code {proc.exitcode})") from None
+        if kind != "ready":
+            proc.join(10)
+            raise ModelLoadError(payload)
+        self._info = payload
         # one writer thread: a large request is pickled and written off the event loop
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
-        self._reader = threading.Thread(target=self._read, name="engine-events", daemon=True)
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self.proc, self._conn, self._out = proc, conn, out
+        self._writer = threading.Thread(target=self._write, args=(conn, out),
+                                        name="engine-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(proc, conn),
+                                        name="engine-events", daemon=True)
         self._writer.start()
         self._reader.start()
 
@@ -124,21 +147,30 @@ class EngineProcess:
 
     # the interface ------------------------------------------------------------------------
     def submit(self, job: ChatJob) -> JobStream:
+        if self._suspects and self._suspects.get(content_key(job), 0) >= 2:
+            raise InvalidRequest("this request was running both times the model process "
+                                 "crashed; it is refused so it cannot take the replica down "
+                                 "again")
         with self._lock:
+            if self.restarting and not self.wedged:
+                raise Unavailable("the model process is restarting after a crash; retry on "
+                                  "another replica")
             check_admission(self.wedged, self._accepting, len(self._streams),
                             self._max_running, self._max_queue)
             key = next(self._keys)
             stream = self._streams[key] = JobStream(job)
-        self._out.put(("submit", key, job))
+            out = self._out
+        out.put(("submit", key, job))
         return stream
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
             found = [s for s in self._streams.values() if s.job.request_id == request_id]
+            out = self._out
         for stream in found:
             stream.cancel()
         if found:
-            self._out.put(("cancel", request_id))
+            out.put(("cancel", request_id))
         return bool(found)
 
     def info(self):
@@ -163,6 +195,8 @@ class EngineProcess:
         """Refuse new jobs; the child lets running ones finish for up to `grace` s and exits."""
         with self._lock:
             self._accepting = False
+        while self.restarting:  # a child being started is drained once it is up
+            time.sleep(0.05)
         if self.proc.is_alive():
             self._out.put(("drain", grace))
             self.proc.join(grace + 15)
@@ -174,40 +208,74 @@ class EngineProcess:
         self._out.put(None)
         self._fail_all(Unavailable("the server shut down before this request finished"))
 
+
     # the pipe -----------------------------------------------------------------------------
-    def _write(self) -> None:
-        while (msg := self._out.get()) is not None:
+    def _write(self, conn, out: queue.SimpleQueue) -> None:
+        while (msg := out.get()) is not None:
             try:
-                self._conn.send(msg)
+                conn.send(msg)
             except (OSError, ValueError):  # the child is gone: the reader reports it
                 return
 
-    def _read(self) -> None:
+    def _read(self, proc, conn) -> None:
         outbox = Outbox()
         try:
             while True:
-                msg = self._conn.recv()
+                msg = conn.recv()
                 kind = msg[0]
                 if kind == "events":
                     self._deliver(msg[1], outbox)
                 elif kind == "stats":
                     self._stats.put(msg[1])
-                elif kind == "wedged":
-                    self.wedged = True
+                elif kind == "wedged":  # a model step stuck past its limit: start afresh
+                    log.error("a model step is stuck past its limit: killing the engine process")
+                    proc.kill()
                 elif kind == "drained":
                     self._drained = True
                     return
         except (EOFError, OSError):
             pass
         # The pipe closed without "drained": the engine process died (a native crash, the
-        # kernel's OOM killer). What it held is lost; this replica must be restarted.
-        self.proc.join(1)
-        code = self.proc.exitcode
+        # kernel's OOM killer, or killed above). What it held is lost; a new one takes over.
+        proc.join(1)
+        code = proc.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         log.error("the engine process exited unexpectedly (%s)", how)
-        self.wedged = True
-        self._fail_all(Unavailable(f"the model process exited unexpectedly ({how}); this "
-                                   f"replica is restarting, retry on another"))
+        self._out.put(None)  # ends this child's writer
+        self._after_death(how)
+
+    def _after_death(self, how: str) -> None:
+        """Fail what the dead child held, note its requests, and start a new child unless
+        this is a crash loop or the server is shutting down."""
+        now = time.monotonic()
+        window = self._settings.engine_restart_window_s
+        with self._lock:
+            held = [s.job for s in self._streams.values()]
+            self._deaths = [t for t in self._deaths if now - t < window] + [now]
+            loop = len(self._deaths) > self._settings.engine_restarts
+            self.restarting = self._accepting and not loop
+        for key in {content_key(job) for job in held}:
+            self._suspects[key] = self._suspects.pop(key, 0) + 1
+            while len(self._suspects) > 1024:
+                self._suspects.popitem(last=False)
+        self._fail_all(Unavailable(f"the model process exited unexpectedly ({how}); it is "
+                                   f"restarting, retry on another replica"))
+        if loop:
+            log.error("the engine process died %d times within %g s: a crash loop; this "
+                      "replica stops", len(self._deaths), window)
+            self.wedged = True
+            return
+        if not self.restarting:
+            return
+        try:
+            self._launch()
+            self.restarts += 1
+            log.warning("the engine process was restarted (%d so far)", self.restarts)
+        except ModelLoadError as exc:
+            log.error("the engine process could not be restarted: %s", exc)
+            self.wedged = True
+        finally:
+            self.restarting = False
 
     def _deliver(self, events: list[tuple[int, object]], outbox: Outbox) -> None:
         for key, item in events:
@@ -229,6 +297,13 @@ class EngineProcess:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             stream.fail(error)
+
+
+def content_key(job: ChatJob) -> str:
+    """What identifies a request's content, whoever sends it and whenever: its messages,
+    sampling and vision settings (not its id or deadline)."""
+    data = pickle.dumps((job.messages, job.sampling, job.vision), protocol=5)
+    return hashlib.sha256(data).hexdigest()
 
 
 # the child ----------------------------------------------------------------------------------
@@ -265,8 +340,6 @@ def _child_main(settings: Settings, conn) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup(settings.log_format, settings.log_level)
     sys.setswitchinterval(settings.gil_switch_ms / 1000)
-    from service.engine.job import ModelLoadError
-
     try:
         engine = build_engine(settings)
     except ModelLoadError as exc:
@@ -310,4 +383,4 @@ def _report_wedge(engine, out: _Forwarder) -> None:
     out.send(("wedged",))
 
 
-__all__ = ["EngineProcess", "build_engine"]
+__all__ = ["EngineProcess", "build_engine", "content_key"]

@@ -145,9 +145,18 @@ class EagleServer:
         log.info("serving", extra={"address": self.settings.address, "port": self.port})
 
     async def _watch_engine(self) -> None:
-        """A wedged engine makes this replica NOT_SERVING and ends the process (exit 3)."""
+        """NOT_SERVING while the engine process restarts after a crash, SERVING again once it
+        is back; a wedged engine (a crash loop) ends the process (exit 3)."""
+        serving = True
         while not getattr(self.engine, "wedged", False):
-            await asyncio.sleep(0.25)
+            up = not getattr(self.engine, "restarting", False)
+            if up != serving and not self.state.draining:
+                serving = up
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING if up else
+                                       health_pb2.HealthCheckResponse.NOT_SERVING)
+                log.warning("the engine is %s", "back: serving" if up else
+                            "restarting: not serving")
+            await asyncio.sleep(0.1)
         self.state.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -34,6 +34,10 @@ class Settings:
     video_workers: int = 2  # decoder processes (killed and replaced on a hang or crash)
     video_memory_mb: int = 4096  # address-space limit of each decoder process
     engine_process: bool = True  # the model in a child process (its own GIL); see README
+    # the engine process is restarted when it dies, unless it dies more than this many times
+    # within the window: a crash loop, and the server exits 3 for its supervisor
+    engine_restarts: int = 3
+    engine_restart_window_s: float = 300.0
     # limits per request
     max_request_bytes: int = 64 * MiB
     max_messages: int = 64

@@ -9,7 +9,7 @@ import time
 import factory
 import grpc
 import pytest
-from eagle.v1 import chat_pb2_grpc
+from eagle.v1 import chat_pb2, chat_pb2_grpc
 from test_process import _wait_serving, long_request, serve
 
 from service.engine.job import (
@@ -113,36 +113,89 @@ def test_a_model_that_cannot_load_is_reported_by_the_server_process(tmp_path) ->
     assert str(tmp_path) in str(err.value)
 
 
-def test_a_dead_child_fails_running_calls_with_unavailable_and_the_server_exits_3(
+def _engine_child(server_pid: int) -> int:
+    """The server's engine process (not multiprocessing's resource tracker)."""
+    children = [int(p) for t in os.listdir(f"/proc/{server_pid}/task")
+                for p in open(f"/proc/{server_pid}/task/{t}/children").read().split()]
+    children = [p for p in children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()
+                and b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _killed_mid_stream(target: str, server_pid: int) -> grpc.RpcError:
+    """Start the long stream, SIGKILL the engine process once tokens flow; the stream's error."""
+    stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
+        long_request(3000), timeout=60)
+    assert next(stream).text
+    os.kill(_engine_child(server_pid), signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    return err.value
+
+
+def test_a_dead_engine_fails_only_its_calls_is_restarted_and_a_crash_loop_exits_3(
         tiny_dir) -> None:
-    proc, target = serve(tiny_dir, "--video-workers", "0")
+    proc, target = serve(tiny_dir, "--video-workers", "0", "--engine-restarts", "2")
     try:
         _wait_serving(target, proc)
-        children = [int(p) for t in os.listdir(f"/proc/{proc.pid}/task")
-                    for p in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
-        children = [p for p in children  # not multiprocessing's resource tracker
-                    if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
-        assert len(children) == 1
-        stream = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target)).StreamChat(
-            long_request(3000), timeout=60)
-        assert next(stream).text
+        first = _engine_child(proc.pid)
         # the server process itself never loads torch: a light front end (warm-up, events,
         # errors and model info have all crossed the pipe by now)
-        maps = open(f"/proc/{proc.pid}/maps").read()
-        assert "libtorch" not in maps and "libtorch" in open(f"/proc/{children[0]}/maps").read()
-        os.kill(children[0], signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
-            for _ in stream:
-                pass
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert err.value.details() == ("the model process exited unexpectedly (signal 9); "
-                                       "this replica is restarting, retry on another")
-        assert proc.wait(30) == 3
-        assert "the engine process exited unexpectedly (signal 9)" in proc.stderr.read()
+        assert "libtorch" not in open(f"/proc/{proc.pid}/maps").read()
+        assert "libtorch" in open(f"/proc/{first}/maps").read()
+        err = _killed_mid_stream(target, proc.pid)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.details() == ("the model process exited unexpectedly (signal 9); it is "
+                                 "restarting, retry on another replica")
+        _wait_health(target, 2)  # NOT_SERVING while the new engine loads the model
+        _wait_serving(target, proc, limit=60)  # then back
+        assert _engine_child(proc.pid) != first
+        stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target))
+        other = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=3))
+        other.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="hello")
+        assert stub.Chat(other, timeout=30).usage.completion_tokens >= 1
+        # the same request running at a second death: refused from then on, others served
+        assert _killed_mid_stream(target, proc.pid).code() == grpc.StatusCode.UNAVAILABLE
+        _wait_health(target, 2)
+        _wait_serving(target, proc, limit=60)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.StreamChat(long_request(3000), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == (
+            "this request was running both times the model process crashed; it is refused "
+            "so it cannot take the replica down again")
+        assert stub.Chat(other, timeout=30).usage.completion_tokens >= 1
+        # a third death within the window: a crash loop, the server exits 3
+        stream = stub.StreamChat(other, timeout=60)
+        os.kill(_engine_child(proc.pid), signal.SIGKILL)
+        list(_ignore_errors(stream))
+        assert proc.wait(60) == 3
+        log = proc.stderr.read()
+        assert "the engine process died 3 times within 300 s: a crash loop" in log
+        assert log.count("the engine process was restarted") == 2
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _wait_health(target: str, status: int, limit: float = 10.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    end = time.monotonic() + limit
+    while stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status != status:
+        assert time.monotonic() < end, f"health never became {status}"
+        time.sleep(0.05)
+
+
+def _ignore_errors(stream):
+    try:
+        yield from stream
+    except grpc.RpcError:
+        return
 
 
 def test_the_child_ignores_sigint_and_sigterm_sent_to_the_process_group(tiny_dir) -> None:
