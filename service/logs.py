@@ -40,3 +40,9 @@ def setup(fmt: str = "json", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET:  # their INFO is their internals, once per image or call
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+# Libraries whose INFO lines would flood a server log (pyvips logs each step of every image).
+QUIET = ("pyvips", "PIL", "httpx", "urllib3", "filelock", "huggingface_hub")

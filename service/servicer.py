@@ -146,7 +146,10 @@ class _Call:
         if self.rid:
             self.owner.ledger.write("terminal", self.rid, code=self.code)
         if self._token is not None:
-            logs.request_id.reset(self._token)
+            try:
+                logs.request_id.reset(self._token)
+            except ValueError:  # a cancelled stream's generator is closed by asyncio's
+                pass  # finaliser in a context of its own; the one it was set in is gone
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):

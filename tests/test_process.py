@@ -236,3 +236,35 @@ def test_a_nodejs_client_calls_chat_and_stream_chat(server, media_root, tmp_path
     assert out["chat"]["usage"]["image_tiles"] == 13
     assert out["streamed"] == out["chat"]["text"]
     assert out["last"]["finish_reason"] == "FINISH_REASON_LENGTH"
+
+
+def test_one_info_line_per_request_and_no_library_chatter(tiny_dir) -> None:
+    """pyvips (every PNG), transformers (every load) and friends stay out of the log."""
+    import factory
+
+    proc, target = serve(tiny_dir, "--video-workers", "0", "--log-level", "INFO")
+    try:
+        _wait_serving(target, proc)
+        stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target))
+        png = factory.encode(factory.document(900, 700), "PNG")
+        for _ in range(3):
+            req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=2))
+            parts = req.messages.add(role=chat_pb2.ROLE_USER).parts
+            parts.add(image=chat_pb2.Image(data=png))
+            parts.add(text="what is it?")
+            stub.Chat(req, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines()
+                 if line.startswith("{")]
+        serving = next(i for i, line in enumerate(lines) if line["msg"] == "serving")
+        per_request = [line for line in lines[serving:] if line.get("request_id")]
+        assert [line["msg"] for line in per_request] == ["rpc done"] * 3
+        loggers = {line["logger"] for line in lines}
+        assert not {name for name in loggers if name.split(".")[0] in
+                    ("pyvips", "transformers", "PIL", "httpx")}, loggers
+        text = "\n".join(str(line) for line in lines)
+        assert "to instantiate a model of type" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -18,6 +18,7 @@ from service.engine.job import (
     ChatMessage,
     Delta,
     Finished,
+    InvalidRequest,
     ResponseFormat,
     Role,
     SamplingParams,
@@ -344,7 +345,6 @@ def test_a_format_that_compiles_too_long_is_invalid_argument_and_the_cache_is_bo
     from conftest import make_engine
 
     from service.engine.grammar import GrammarSettings
-    from service.engine.job import InvalidRequest
 
     engine = make_engine(tiny, grammar=GrammarSettings(cache_size=2, compile_timeout_s=0.001))
     try:
@@ -371,3 +371,54 @@ def test_a_format_that_compiles_too_long_is_invalid_argument_and_the_cache_is_bo
         assert [engine.grammars.cached(f) for f in formats] == [False, True, True]  # LRU
     finally:
         engine.drain(0)
+
+
+def test_every_token_has_its_exact_bytes_even_the_raw_0xff_byte(engine, tiny) -> None:
+    """llguidance marks special tokens with byte 0xFF, so it decodes the token that is that
+    one byte to nothing; the contract promises the token's bytes."""
+    raw = tiny.tokenizer.convert_tokens_to_ids("ÿ")  # byte-level BPE's stand-in for 0xFF
+    assert engine.grammars.token_bytes(raw) == b"\xff"
+    assert engine.grammars.token_bytes(tiny.tokenizer.convert_tokens_to_ids("¡")) == b"\xa1"
+    assert engine.grammars.token_bytes(
+        tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
+    assert [i for i in range(engine.vocab_limit) if not engine.grammars.token_bytes(i)] == []
+
+
+@pytest.mark.parametrize("value,ok", [("2024-02-29", True), ("2000-02-29", True),
+                                      ("0004-02-29", True), ("1999-12-31", True),
+                                      ("0000-07-25", False), ("2023-02-29", False),
+                                      ("1900-02-29", False), ("2024-04-31", False),
+                                      ("2024-13-01", False)])
+def test_the_dates_a_format_allows_are_the_calendars(engine, tiny, value, ok) -> None:
+    """What jsonschema's format checker and pydantic accept: no year 0000, no 31 April,
+    29 February only in leap years."""
+    for schema, text in (({"type": "string", "format": "date"}, value),
+                         ({"type": "string", "format": "date-time"}, f"{value}T10:20:30Z")):
+        constraint = engine.grammars.constraint(ResponseFormat(
+            "json_schema", json.dumps(schema), False, "f"))
+        ids = tiny.tokenizer(json.dumps(text), add_special_tokens=False)["input_ids"]
+        try:
+            for token in ids:
+                constraint.accept(token)
+            accepted = constraint.matcher.is_accepting()
+        except InvalidRequest:
+            accepted = False
+        assert accepted == ok, (schema["format"], text)
+
+
+def test_sampled_dates_pass_jsonschema_and_pydantic(client) -> None:
+    import datetime as dt
+
+    import pydantic
+
+    class Event(pydantic.BaseModel):
+        day: dt.date
+        at: dt.datetime
+
+    checker = jsonschema.Draft202012Validator(Event.model_json_schema(),
+                                              format_checker=jsonschema.FormatChecker())
+    for seed in range(12):
+        reply = client.chat("When?", json_schema=Event, temperature=1.0, seed=seed,
+                            max_new_tokens=80, timeout=60)
+        checker.validate(json.loads(reply.text))
+        assert isinstance(reply.parsed, Event)

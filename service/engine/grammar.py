@@ -70,6 +70,7 @@ class Grammars:
         self.settings = settings
         self.vocab_limit = vocab_limit
         self.words = (vocab_limit + 31) // 32  # int32 words of one row's bitmask
+        self._hf = tokenizer
         self._compiler = ThreadPoolExecutor(max(1, settings.compile_workers),
                                             thread_name_prefix="grammar")
         self._tokenizer = self._compiler.submit(build_tokenizer, tokenizer, vocab_limit,
@@ -157,11 +158,33 @@ class Grammars:
 
     # logprobs ---------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
-        """A token's exact bytes (special tokens: their name)."""
+        """A token's exact bytes (special tokens: their name). llguidance keeps byte 0xFF to
+        mark special tokens, so the token that is that one raw byte decodes to nothing there:
+        such tokens are read from the byte-level vocabulary instead."""
         found = self._bytes.get(token_id)
         if found is None:
-            found = self._bytes[token_id] = self._tokenizer.result().decode_bytes([token_id])
+            found = self._tokenizer.result().decode_bytes([token_id])
+            if not found:
+                found = _byte_level(self._hf.convert_ids_to_tokens(token_id) or "")
+            self._bytes[token_id] = found
         return found
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in for each byte (Qwen2's vocabulary uses it)."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + k): b for k, b in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_table()
+
+
+def _byte_level(token: str) -> bytes:
+    """A byte-level vocabulary entry's bytes; any other text as UTF-8."""
+    if token and all(c in _BYTE_OF for c in token):
+        return bytes(_BYTE_OF[c] for c in token)
+    return token.encode()
 
 
 __all__ = ["Constraint", "GrammarSettings", "Grammars"]

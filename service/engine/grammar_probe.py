@@ -30,6 +30,36 @@ def build_tokenizer(tokenizer, vocab_limit: int, stop_ids: list[int]):
     return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_limit, eos_token=stop_ids)
 
 
+# Dates a reply may hold: the calendar's own (no year 0000, no 31 April, 29 February only in a
+# leap year), so what the grammar allows is what jsonschema's format checker and pydantic's
+# date parsing accept (llguidance's own `date` allows 0000-02-31).
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+_LEAP = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = ("((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+              "|02-(0[1-9]|1[0-9]|2[0-8]))")
+_DATE = f"({_YEAR}-{_MONTH_DAY}|{_LEAP}-02-29)"
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?"
+_PATTERNS = {"date": f"^{_DATE}$",
+             "date-time": f"^{_DATE}T{_TIME}(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"}
+
+
+def calendar_formats(schema: object) -> object:
+    """The schema with each string `format` of date or date-time (and no pattern of its own)
+    replaced by the calendar's pattern; walked without recursion (depth is capped earlier)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            fmt = node.get("format")
+            if fmt in _PATTERNS and "pattern" not in node:
+                del node["format"]
+                node["pattern"] = _PATTERNS[fmt]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return schema
+
+
 def grammar_text(fmt: ResponseFormat) -> str:
     """The llguidance grammar text for a format. Replies to JSON formats are compact: no
     whitespace between tokens (a model cannot loop on whitespace, and it costs no tokens)."""
@@ -37,7 +67,8 @@ def grammar_text(fmt: ResponseFormat) -> str:
 
     options = {"whitespace_flexible": False, "lenient": not fmt.strict}
     if fmt.kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(fmt.spec, defaults=options)
+        schema = calendar_formats(json.loads(fmt.spec))
+        return LLMatcher.grammar_from_json_schema(schema, defaults=options)
     if fmt.kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=options)
     if fmt.kind == "regex":

@@ -185,6 +185,17 @@ def check_keys(model: Eagle2Model, shapes: dict[str, tuple[int, ...]]) -> dict[s
     return to_module
 
 
+class _ForeignConfigNotice(logging.Filter):
+    """transformers reads the checkpoint's config to find the tokenizer and says, on every
+    load, that an `eagle_chat` config is not a model type it knows: true, and no news here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type" not in record.getMessage()
+
+
+logging.getLogger("transformers.configuration_utils").addFilter(_ForeignConfigNotice())
+
+
 def load_model(folder: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Read config, tokenizer and safetensors from `folder` into a model on the chosen device
     and dtype (see pick_device)."""
@@ -217,8 +228,8 @@ def load_model(folder: Path, device: str = "auto", dtype: str = "auto") -> Loade
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise ModelLoadError(f"parameters left unloaded: {_few(still_meta)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:  # never the checkpoint's own code, and never a question on a terminal
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{folder}: the tokenizer files cannot be read ({exc})") from None
     log.info("loaded %s (%s) on %s in %s", folder.name, cfg.model_type, dev, dtype)
