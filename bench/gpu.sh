@@ -18,17 +18,19 @@ args=()
 for a in "$@"; do
   if [ "$a" = "--dry-run" ]; then dry=1; else args+=("$a"); fi
 done
+# the interpreter: $PYTHON as `make` passes it (a virtual environment need not be active)
+py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:$PWD/protos${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  if python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+  if "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
     site=$(mktemp -d)/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
       .whl/*.whl || { echo "gpu.sh: installing the kit failed" >&2; exit 3; }
     export PYTHONPATH="$PWD:$PWD/protos:$site${PYTHONPATH#$PWD:$PWD/protos}"
     echo "kit: $(ls .whl/*.whl | wc -l) wheels installed into $site"
   else
-    echo "kit: built for Python 3.12, this is $(python3 -V); using the installed packages"
+    echo "kit: built for Python 3.12, this is $("$py" -V); using the installed packages"
   fi
 else
   echo "kit: none (.whl/ is empty: run \`make gpu-kit\` on the CPU machine); using the installed packages"
@@ -39,10 +41,10 @@ if [ $dry = 1 ]; then
 else
   bench=()
 fi
-timeout 300 python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py \
+timeout 300 "$py" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py \
   --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 420 python3 -m bench.gpu --out "$out" ${bench[@]+"${bench[@]}"} ${args[@]+"${args[@]}"} 2>&1 \
+timeout 420 "$py" -m bench.gpu --out "$out" ${bench[@]+"${bench[@]}"} ${args[@]+"${args[@]}"} 2>&1 \
   | tee "$out/gpu-bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu.sh: pytest -m gpu exit $tests_rc, benchmark exit $bench_rc, $(( $(date +%s) - start )) s; logs and gpu.json in $out"

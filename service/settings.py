@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -170,13 +171,40 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, default=None, type=_kind(default),
                            help=f"(default {default!r}; env EAGLE_{f.name.upper()})")
     p.add_argument("--auth-token-file", default=None,
-                   help="file holding the bearer token (safer than a flag or variable)")
+                   help="file holding the bearer token, e.g. a mounted Secret (safer than a "
+                        "flag or variable; env EAGLE_AUTH_TOKEN_FILE)")
     return p
 
 
+# Variables read besides one per setting; EAGLE_TEST_* belong to the test suite, EAGLE_SERVER
+# and EAGLE_TOKEN to the eagle-chat client.
+EXTRA_VARIABLES = ("EAGLE_AUTH_TOKEN_FILE", "EAGLE_SERVER", "EAGLE_TOKEN")
+
+
+def variable_names() -> set[str]:
+    return {f"EAGLE_{f.name.upper()}" for f in fields(Settings)} | set(EXTRA_VARIABLES)
+
+
+def check_variables(env: dict[str, str]) -> None:
+    """An EAGLE_* variable that names no setting is a typo that would be ignored: refuse it."""
+    known = variable_names()
+    unknown = sorted(k for k in env if k.startswith("EAGLE_") and k not in known
+                     and not k.startswith("EAGLE_TEST_"))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ValueError(f"unknown setting variable{'s' if len(unknown) > 1 else ''}: "
+                         f"{', '.join(hints)}; every EAGLE_* variable must name a setting "
+                         f"(`eagle-serve --help` lists them)")
+
+
 def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Defaults, then EAGLE_* variables, then flags."""
+    """Defaults, then EAGLE_* variables, then flags. The token may come from a file (a
+    mounted Secret) named by --auth-token-file or EAGLE_AUTH_TOKEN_FILE."""
     env = dict(os.environ if env is None else env)
+    check_variables(env)
     values: dict[str, object] = {}
     for f in fields(Settings):
         raw = env.get(f"EAGLE_{f.name.upper()}")
@@ -191,8 +219,16 @@ def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Se
         value = getattr(args, f.name)
         if value is not None:
             values[f.name] = tuple(value) if f.name == "media_roots" else value
-    if args.auth_token_file:
-        values["auth_token"] = Path(args.auth_token_file).read_text().strip()
+    token_file = args.auth_token_file or env.get("EAGLE_AUTH_TOKEN_FILE", "")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"the auth token file {token_file!r} cannot be read "
+                             f"({exc.strerror})") from None
+        if not token:
+            raise ValueError(f"the auth token file {token_file!r} is empty")
+        values["auth_token"] = token
     settings = Settings(**values)
     settings.check()
     return settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -22,10 +23,21 @@ def test_structured_bench_measures_compile_and_masks(tiny) -> None:
 def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     """bench/gpu.sh --dry-run: the GPU tests (skipped without CUDA) and the benchmark's every
     step on the tiny model, with the logs and the JSON in the folder given."""
-    run = subprocess.run([str(ROOT / "bench" / "gpu.sh"), str(tmp_path), "--dry-run"],
+    # the interpreter running these tests, as `make test PYTHON=...` passes it; a python3
+    # first on PATH that fails proves the script never falls back to it
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "python3").write_text("#!/bin/sh\necho 'the decoy python3 ran' >&2\nexit 97\n")
+    (decoy / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    run = subprocess.run([str(ROOT / "bench" / "gpu.sh"), str(out), "--dry-run"],
                          capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "EAGLE_CACHE_DIR": str(tiny_dir.parent)})
+                         env={**os.environ, "EAGLE_CACHE_DIR": str(tiny_dir.parent),
+                              "PYTHON": sys.executable,
+                              "PATH": f"{decoy}:{os.environ['PATH']}"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "decoy" not in run.stderr
+    tmp_path = out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "gpu-bench.log", "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
     tests_log = (tmp_path / "gpu-tests.log").read_text()

@@ -3,8 +3,6 @@ server's real settings, ports, health service names, scripts and extras."""
 from __future__ import annotations
 
 import re
-from dataclasses import fields
-
 import pytest
 import tomllib
 import yaml
@@ -16,7 +14,7 @@ from service.settings import Settings
 
 K8S = ROOT / "deploy" / "kubernetes"
 HEALTH_NAMES = {"", SERVICE, LIVENESS}  # what the server's health service answers for
-SETTING_NAMES = {f"EAGLE_{f.name.upper()}" for f in fields(Settings)}
+SETTING_NAMES = settings_mod.variable_names()
 
 
 def docs(name: str) -> list[dict]:
@@ -40,11 +38,22 @@ def literal_env(container: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
-def test_every_eagle_variable_is_a_setting_and_the_server_accepts_them(container) -> None:
+def manifest_settings(container: dict, tmp_path) -> Settings:
+    """The server's settings from the manifest's variables, the mounted token file made."""
+    env = literal_env(container)
+    if "EAGLE_AUTH_TOKEN_FILE" in env:
+        token = tmp_path / "token"
+        token.write_text("s3cret\n")
+        env["EAGLE_AUTH_TOKEN_FILE"] = str(token)
+    return settings_mod.load([], env=env)
+
+
+def test_every_eagle_variable_is_a_setting_and_the_server_accepts_them(container,
+                                                                       tmp_path) -> None:
     names = {e["name"] for e in container["env"]}
     assert names <= SETTING_NAMES, names - SETTING_NAMES
-    env = literal_env(container)
-    s = settings_mod.load([], env=env)  # parses and passes the server's own checks
+    s = manifest_settings(container, tmp_path)  # parses and passes the server's own checks
+    assert s.auth_token == "s3cret"
     assert (s.host, s.port, s.insecure, s.device) == ("0.0.0.0", 50051, True, "cuda")
     assert s.model.startswith("/models/")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -64,11 +73,13 @@ def test_probes_use_the_served_health_names_on_the_grpc_port(container) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a model load
 
 
-def test_the_pod_drains_within_its_termination_grace(deployment, container) -> None:
+def test_the_pod_drains_within_its_termination_grace(deployment, container, tmp_path) -> None:
+    """The drain is as long as the longest call, and the kubelet waits for all of it."""
     spec = deployment["spec"]["template"]["spec"]
-    drain = float(literal_env(container)["EAGLE_GRACE_SECONDS"])
+    s = manifest_settings(container, tmp_path)
+    assert s.grace_seconds >= s.default_deadline_s
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] > drain + pause
+    assert spec["terminationGracePeriodSeconds"] > pause + s.drain_delay_s + s.grace_seconds
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
@@ -80,8 +91,12 @@ def test_gpu_model_volume_secrets_and_user(deployment, container) -> None:
     assert mounts["models"]["readOnly"] is True
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "persistentVolumeClaim" in volumes["models"]
-    [token] = [e for e in container["env"] if e["name"] == "EAGLE_AUTH_TOKEN"]
-    assert token["valueFrom"]["secretKeyRef"]["optional"] is True
+    # the token is a file from a Secret: fail closed when it is missing
+    path = literal_env(container)["EAGLE_AUTH_TOKEN_FILE"]
+    assert path.startswith(mounts["token"]["mountPath"] + "/") and mounts["token"]["readOnly"]
+    assert volumes["token"]["secret"]["secretName"] == "eagle-grpc-token"
+    assert "optional" not in volumes["token"]["secret"]
+    assert "EAGLE_AUTH_TOKEN" not in {e["name"] for e in container["env"]}
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] != 0
 
@@ -103,13 +118,12 @@ def test_services_and_budget_select_the_pods(deployment, container) -> None:
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
-def test_the_tls_patch_moves_probes_to_the_health_port(container) -> None:
+def test_the_tls_patch_moves_probes_to_the_health_port(container, tmp_path) -> None:
     [patch] = docs("tls-patch.yaml")
     [c] = patch["spec"]["template"]["spec"]["containers"]
     assert c["name"] == container["name"]
-    env = {**literal_env(container), **literal_env(c)}
     assert {e["name"] for e in c["env"]} <= SETTING_NAMES
-    s = settings_mod.load([], env=env)
+    s = manifest_settings({"env": container["env"] + c["env"]}, tmp_path)
     assert s.tls and s.insecure is False and s.health_port
     mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")["mountPath"]
     assert s.tls_cert.startswith(mount + "/") and s.tls_key.startswith(mount + "/")
