@@ -3,6 +3,7 @@ server's real settings, ports, health service names, scripts and extras."""
 from __future__ import annotations
 
 import re
+
 import pytest
 import tomllib
 import yaml
