@@ -262,3 +262,42 @@ def test_the_service_config_retries_only_unavailable_before_data() -> None:
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "hedgingPolicy" not in method
     assert grpc.StatusCode.UNAVAILABLE.name == "UNAVAILABLE"
+
+
+def test_a_restarted_replica_takes_calls_within_seconds_of_serving(replicas) -> None:
+    """After a replica has been down a while, gRPC's default reconnect backoff (up to 120 s)
+    would leave it idle long after it is back; the library caps it at 2 s."""
+    fleet = replicas(2)
+    down, up = fleet
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def load(client) -> None:
+        while not stop.is_set():
+            try:
+                client.chat("hi", max_new_tokens=1)
+            except EagleError as err:
+                failures.append(err.code.name)
+            time.sleep(0.02)
+
+    with EagleClient(ipv4(r.port for r in fleet), timeout=60) as client:
+        worker = threading.Thread(target=load, args=(client,))
+        worker.start()
+        try:
+            time.sleep(1.0)
+            down.proc.send_signal(signal.SIGKILL)
+            down.proc.wait(10)
+            time.sleep(12.0)  # long enough for the default backoff to reach ~10 s
+            before = set(down.accepted())
+            down.start().wait()
+            serving_at = time.time()
+            end = time.monotonic() + 10
+            while time.monotonic() < end and not set(down.accepted()) - before:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            worker.join(30)
+    fresh = [t for rid, t in down.accepted().items() if rid not in before]
+    assert fresh, "the restarted replica took no call within 10 s of SERVING"
+    assert min(fresh) - serving_at < 5.0, min(fresh) - serving_at
+    assert failures == []
