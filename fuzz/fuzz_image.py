@@ -22,8 +22,9 @@ POLICY = ImagePolicy()
 def one(data: bytes) -> None:
     try:
         opened = open_image(data, POLICY, "image 1")
-        image = opened.load(min_size=(448, 448))
-        split_tiles(image, max_tiles=2)
+        image = opened.load()
+        for kernel in ("pillow", "torch"):  # both styles' resize
+            split_tiles(image, max_tiles=2, kernel=kernel)
     except MediaError:
         pass
 
