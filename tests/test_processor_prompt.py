@@ -216,3 +216,29 @@ def test_frame_limits_follow_the_model_in_the_server(v25_dir, tiny_dir) -> None:
         finally:
             engine.drain(0)
     assert json.loads((v25_dir / "processor_config.json").read_text())["tokens_per_tile"] == 256
+
+
+def test_a_checkpoint_with_remote_code_loads_without_running_it_or_asking(
+        v25_dir, tmp_path, monkeypatch) -> None:
+    """The hub's eagle_2_5_vl configs name their own Python (auto_map): transformers would
+    ask "run the custom code? [y/N]" on a terminal, or refuse without one. A server never
+    asks and never runs checkpoint code."""
+    import json
+    import shutil
+
+    from service.engine.loader import load_model
+
+    folder = tmp_path / "with-code"
+    shutil.copytree(v25_dir, folder)
+    marker = tmp_path / "the checkpoint's code ran"
+    (folder / "configuration_eagle2_5_vl.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_eagle2_5_vl.Eagle2_5_VLConfig",
+                          "AutoModel": "modeling_eagle2_5_vl.Eagle2_5_VLForConditionalGeneration"}
+    (folder / "config.json").write_text(json.dumps(config))
+    asked: list[tuple] = []
+    monkeypatch.setattr("builtins.input", lambda *args: asked.append(args) or "n")
+    loaded = load_model(folder, device="cpu")
+    assert loaded.cfg.model_type == "eagle_2_5_vl"
+    assert not marker.exists() and asked == []
