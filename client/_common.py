@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from eagle.v1 import chat_pb2
+# gRPC's ring_hash reads its request hash from a header only with this on (gRFC A76, still
+# gated in grpcio 1.85); it must be set before the first channel reads gRPC's settings.
+os.environ.setdefault("GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY", "true")
+
+import grpc  # noqa: E402
+from eagle.v1 import chat_pb2  # noqa: E402
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -20,7 +25,12 @@ SERVICE = "eagle.v1.ChatService"
 # or a message came back, so a stream that sent text is not repeated); no hedging.
 RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
                 "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
-BALANCING = ("round_robin", "pick_first")
+BALANCING = ("round_robin", "pick_first", "ring_hash")
+# A call with an affinity key (a conversation id) goes to the replica its key hashes to on a
+# ring over the healthy replicas, so a conversation's turns meet their cached vision (and,
+# later, prompt) state; keyless calls stay round_robin. Go, Java, C++ and Envoy read the same
+# header from the same service config.
+AFFINITY_HEADER = "x-eagle-affinity"
 # Reconnect backoff: gRPC's default grows to 120 s, so a replica that was down for a while sat
 # idle up to 20-39 s after it came back (measured in a rolling restart); capped at 2 s, a
 # restarted replica takes calls within about 2 s of answering (tests/test_fleet.py).
@@ -37,12 +47,19 @@ def service_config(load_balancing: str = "round_robin", retries: bool = True) ->
     or one address) and checks each replica's health (`grpc.health.v1`, service
     eagle.v1.ChatService): a replica warming up or draining gets no new calls.
     `pick_first` keeps one connection to the first address that answers, as before.
+    `ring_hash` sends each call to the replica its `x-eagle-affinity` header hashes to
+    (consistent hashing over the healthy replicas: one that drains or dies hands its keys to
+    the next on the ring, and only those move); the library uses it for calls that carry an
+    affinity key.
     """
     if load_balancing not in BALANCING:
         raise ValueError(f"load_balancing must be one of {', '.join(BALANCING)}, not "
                          f"{load_balancing!r}")
-    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
-    if load_balancing == "round_robin":
+    policy: dict[str, Any] = {load_balancing: {}}
+    if load_balancing == "ring_hash":
+        policy = {"ring_hash_experimental": {"requestHashHeader": AFFINITY_HEADER}}
+    config: dict[str, Any] = {"loadBalancingConfig": [policy]}
+    if load_balancing != "pick_first":
         config["healthCheckConfig"] = {"serviceName": SERVICE}
     if retries:
         config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}]
@@ -72,6 +89,40 @@ def open_channel(api: Any, target: str, tls: bool, root_certificates: Any, clien
     creds = credentials(tls, root_certificates, client_cert, client_key)
     opts = channel_options(max_message_bytes, retries, load_balancing)
     return api.secure_channel(target, creds, opts) if creds else api.insecure_channel(target, opts)
+
+
+class Channels:
+    """The client's channel and stub, and a second one balanced by ring_hash that carries
+    the calls with an affinity key (opened on the first such call), so keyless calls stay
+    round_robin. With `pick_first` (a mesh sidecar) or `ring_hash` for everything, the one
+    channel carries all and the key is only a header (Envoy can hash on it itself)."""
+
+    def __init__(self, api: Any, stub_class: Any, target: str, load_balancing: str,
+                 token: str | None, **open_args: Any) -> None:
+        self._open = lambda balancing: open_channel(api, target, load_balancing=balancing,
+                                                    **open_args)
+        self._stub_class, self.balancing = stub_class, load_balancing
+        self.main = self._open(load_balancing)
+        self.stub = stub_class(self.main)
+        self.metadata = metadata(token)
+        self.keyed: Any = None
+        self._lock = threading.Lock()
+
+    def route(self, affinity_key: str | None) -> tuple[Any, tuple[tuple[str, str], ...]]:
+        """The stub and metadata for one call."""
+        if not affinity_key:
+            return self.stub, self.metadata
+        headers = self.metadata + ((AFFINITY_HEADER, affinity_key),)
+        if self.balancing != "round_robin":
+            return self.stub, headers
+        with self._lock:
+            if self.keyed is None:
+                self.keyed = self._open("ring_hash")
+                self._keyed_stub = self._stub_class(self.keyed)
+        return self._keyed_stub, headers
+
+    def all(self) -> list[Any]:
+        return [c for c in (self.main, self.keyed) if c is not None]
 
 
 def credentials(tls: bool, root_certificates: bytes | str | Path | None,

@@ -11,11 +11,10 @@ from eagle.v1 import chat_pb2, chat_pb2_grpc
 from client._common import (
     DEFAULT_TARGET,
     MAX_MESSAGE_BYTES,
+    Channels,
     ChatResult,
     EagleError,
     build_request,
-    metadata,
-    open_channel,
     schema_model,
 )
 
@@ -56,18 +55,18 @@ class AsyncEagleClient:
                  client_key: bytes | str | Path | None = None, timeout: float = 120.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True,
                  load_balancing: str = "round_robin") -> None:
-        self._channel = open_channel(grpc.aio, target, tls, root_certificates, client_cert,
-                                     client_key, max_message_bytes, retries,
-                                     load_balancing)
-        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
-        self._metadata = metadata(token)
+        self._channels = Channels(grpc.aio, chat_pb2_grpc.ChatServiceStub, target, load_balancing,
+                                  token, tls=tls, root_certificates=root_certificates,
+                                  client_cert=client_cert, client_key=client_key,
+                                  max_message_bytes=max_message_bytes, retries=retries)
         self.timeout = timeout
 
     async def chat(self, text: str = "", *, timeout: float | None = None,
-                   **kwargs: Any) -> ChatResult:
+                   affinity_key: str | None = None, **kwargs: Any) -> ChatResult:
         """One reply, whole (see EagleClient.chat for the arguments)."""
-        call = self._stub.Chat(build_request(text, **kwargs), timeout=timeout or self.timeout,
-                               metadata=self._metadata)
+        stub, headers = self._channels.route(affinity_key)
+        call = stub.Chat(build_request(text, **kwargs), timeout=timeout or self.timeout,
+                         metadata=headers)
         try:
             return ChatResult.from_response(await call).parse_as(
                 schema_model(kwargs.get("json_schema")))
@@ -75,23 +74,26 @@ class AsyncEagleClient:
             raise EagleError.from_rpc(err, await call.trailing_metadata()) from None
 
     def stream_chat(self, text: str = "", *, timeout: float | None = None,
-                    **kwargs: Any) -> AsyncChatStream:
+                    affinity_key: str | None = None, **kwargs: Any) -> AsyncChatStream:
         """The reply as it is generated: `async for delta in client.stream_chat(...)`."""
-        call = self._stub.StreamChat(build_request(text, message=chat_pb2.StreamChatRequest,
-                                                   **kwargs),
-                                     timeout=timeout or self.timeout, metadata=self._metadata)
+        stub, headers = self._channels.route(affinity_key)
+        call = stub.StreamChat(build_request(text, message=chat_pb2.StreamChatRequest,
+                                             **kwargs),
+                               timeout=timeout or self.timeout, metadata=headers)
         return AsyncChatStream(call, schema_model(kwargs.get("json_schema")))
 
     async def model_info(self, timeout: float | None = None) -> chat_pb2.GetModelInfoResponse:
-        call = self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
-                                       timeout=timeout or self.timeout, metadata=self._metadata)
+        call = self._channels.stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
+                                                timeout=timeout or self.timeout,
+                                                metadata=self._channels.metadata)
         try:
             return await call
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, await call.trailing_metadata()) from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels.all():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncEagleClient:
         return self

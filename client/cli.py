@@ -39,9 +39,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=os.environ.get("EAGLE_SERVER", "127.0.0.1:50051"),
                    help="any gRPC target: host:port, dns:///name:port, ipv4:a:p,b:p (or "
                         "EAGLE_SERVER)")
-    p.add_argument("--load-balancing", choices=["round_robin", "pick_first"],
+    p.add_argument("--load-balancing", choices=["round_robin", "pick_first", "ring_hash"],
                    default="round_robin", help="spread calls over the target's replicas "
-                                               "(health-checked), or keep one connection")
+                                               "(health-checked), keep one connection, or "
+                                               "hash every call's affinity key")
+    p.add_argument("--affinity-key", default=None,
+                   help="e.g. a conversation id: calls with the same key go to the same "
+                        "healthy replica, where their images' features are cached")
     p.add_argument("--token", default=os.environ.get("EAGLE_TOKEN"),
                    help="bearer token (or EAGLE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             videos.append(Video(data=f.read(), num_frames=args.frames or 0))
     request = dict(images=args.image, videos=videos, system=args.system,
                    max_new_tokens=args.max_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+                   top_p=args.top_p, seed=args.seed, stop=args.stop,
+                   affinity_key=args.affinity_key)
     try:
         request.update(_format(args))
         with EagleClient(args.server, token=args.token, tls=args.tls, root_certificates=args.ca,

@@ -11,11 +11,10 @@ from eagle.v1 import chat_pb2, chat_pb2_grpc
 from client._common import (
     DEFAULT_TARGET,
     MAX_MESSAGE_BYTES,
+    Channels,
     ChatResult,
     EagleError,
     build_request,
-    metadata,
-    open_channel,
     schema_model,
 )
 
@@ -67,44 +66,48 @@ class EagleClient:
                  client_key: bytes | str | Path | None = None, timeout: float = 120.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, retries: bool = True,
                  load_balancing: str = "round_robin") -> None:
-        self._channel = open_channel(grpc, target, tls, root_certificates, client_cert,
-                                     client_key, max_message_bytes, retries,
-                                     load_balancing)
-        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
-        self._metadata = metadata(token)
+        self._channels = Channels(grpc, chat_pb2_grpc.ChatServiceStub, target, load_balancing,
+                                  token, tls=tls, root_certificates=root_certificates,
+                                  client_cert=client_cert, client_key=client_key,
+                                  max_message_bytes=max_message_bytes, retries=retries)
         self.timeout = timeout
 
-    def chat(self, text: str = "", *, timeout: float | None = None, **kwargs: Any) -> ChatResult:
+    def chat(self, text: str = "", *, timeout: float | None = None,
+             affinity_key: str | None = None, **kwargs: Any) -> ChatResult:
         """One reply, whole. Takes the arguments of `build_request` (images, videos, system,
         history, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
         max_tiles_per_image, max_video_frames, frame_timestamps, request_id, and a response
         format: json_schema (with strict), json_object, regex, choice, lark or gbnf; logprobs,
-        top_logprobs). With a pydantic model as json_schema, `result.parsed` is an instance."""
+        top_logprobs). With a pydantic model as json_schema, `result.parsed` is an instance.
+        `affinity_key` (e.g. a conversation id) sends every call with the same key to the
+        same healthy replica, where its images' features are cached."""
         req = build_request(text, **kwargs)
+        stub, headers = self._channels.route(affinity_key)
         try:
-            resp = self._stub.Chat(req, timeout=timeout or self.timeout, metadata=self._metadata)
+            resp = stub.Chat(req, timeout=timeout or self.timeout, metadata=headers)
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, err.trailing_metadata()) from None
         return ChatResult.from_response(resp).parse_as(schema_model(kwargs.get("json_schema")))
 
     def stream_chat(self, text: str = "", *, timeout: float | None = None,
-                    **kwargs: Any) -> ChatStream:
+                    affinity_key: str | None = None, **kwargs: Any) -> ChatStream:
         """The reply as it is generated: iterate the returned ChatStream for text deltas."""
         req = build_request(text, message=chat_pb2.StreamChatRequest, **kwargs)
-        call = self._stub.StreamChat(req, timeout=timeout or self.timeout,
-                                     metadata=self._metadata)
+        stub, headers = self._channels.route(affinity_key)
+        call = stub.StreamChat(req, timeout=timeout or self.timeout, metadata=headers)
         return ChatStream(call, schema_model(kwargs.get("json_schema")))
 
     def model_info(self, timeout: float | None = None) -> chat_pb2.GetModelInfoResponse:
         try:
-            return self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
-                                           timeout=timeout or self.timeout,
-                                           metadata=self._metadata)
+            return self._channels.stub.GetModelInfo(chat_pb2.GetModelInfoRequest(),
+                                                    timeout=timeout or self.timeout,
+                                                    metadata=self._channels.metadata)
         except grpc.RpcError as err:
             raise EagleError.from_rpc(err, err.trailing_metadata()) from None
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.all():
+            channel.close()
 
     def __enter__(self) -> EagleClient:
         return self

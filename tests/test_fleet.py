@@ -244,7 +244,7 @@ def test_the_library_keeps_one_connection_with_pick_first(tiny) -> None:
                 client.chat("hi", max_new_tokens=1)
         assert sorted(s.app.servicer.calls for s in servers) == [0, 20]
         with pytest.raises(ValueError, match="load_balancing must be one of round_robin, "
-                                             "pick_first, not 'random'"):
+                                             "pick_first, ring_hash, not 'random'"):
             EagleClient(servers[0].target, load_balancing="random")
     finally:
         for s in servers:
@@ -261,7 +261,10 @@ def test_the_service_config_retries_only_unavailable_before_data() -> None:
     [method] = config["methodConfig"]
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "hedgingPolicy" not in method
-    assert grpc.StatusCode.UNAVAILABLE.name == "UNAVAILABLE"
+    ring = json.loads(service_config("ring_hash"))  # what other languages' clients can read
+    assert ring["loadBalancingConfig"] == [
+        {"ring_hash_experimental": {"requestHashHeader": "x-eagle-affinity"}}]
+    assert ring["healthCheckConfig"] == config["healthCheckConfig"]
 
 
 def test_a_restarted_replica_takes_calls_within_seconds_of_serving(replicas) -> None:
@@ -301,3 +304,54 @@ def test_a_restarted_replica_takes_calls_within_seconds_of_serving(replicas) -> 
     assert fresh, "the restarted replica took no call within 10 s of SERVING"
     assert min(fresh) - serving_at < 5.0, min(fresh) - serving_at
     assert failures == []
+
+
+def test_an_affinity_key_keeps_a_conversation_on_one_replica_and_fails_over(tiny) -> None:
+    """Calls with the same affinity key meet the same replica (its vision cache answers the
+    image from turn 2 on); keyless calls stay round_robin; a replica that stops serving hands
+    its keys to another, and only those move."""
+    import factory
+
+    servers = [RunningServer(make_engine(tiny)) for _ in range(3)]
+    image = factory.encode(factory.photo(900, 500, seed=4), "PNG")
+
+    def served_by(call) -> tuple[int, object]:
+        before = [s.app.servicer.calls for s in servers]
+        result = call()
+        moved = [i for i, s in enumerate(servers) if s.app.servicer.calls != before[i]]
+        assert len(moved) == 1
+        return moved[0], result
+
+    try:
+        with EagleClient(ipv4(s.port for s in servers), timeout=60) as client:
+            homes: dict[str, int] = {}
+            for k in range(10):
+                key = f"conversation-{k}"
+                turns = [served_by(lambda k=key: client.chat("What is this?", images=[image],
+                                                              max_new_tokens=1,
+                                                              affinity_key=k))
+                         for _ in range(4)]
+                assert len({home for home, _ in turns}) == 1, turns
+                homes[key] = turns[0][0]
+                assert [r.usage.cached_tiles for _, r in turns[1:]] == \
+                    [turns[0][1].usage.image_tiles] * 3  # the same replica's vision cache
+            assert len(set(homes.values())) >= 2  # the keys spread over the replicas
+            keyless = [served_by(lambda: client.chat("hi", max_new_tokens=1))[0]
+                       for _ in range(30)]
+            assert sorted(keyless.count(i) for i in range(3)) == [10, 10, 10]
+            # the home of conversation-0 stops serving: its keys move, the others stay
+            gone = homes["conversation-0"]
+            servers[gone].call(servers[gone].app._set_health(
+                health_pb2.HealthCheckResponse.NOT_SERVING))
+            time.sleep(0.5)
+            for key, home in homes.items():
+                now = {served_by(lambda k=key: client.chat("again", max_new_tokens=1,
+                                                           affinity_key=k))[0]
+                       for _ in range(2)}
+                assert len(now) == 1 and gone not in now
+                if home != gone:
+                    assert now == {home}
+    finally:
+        for s in servers:
+            s.stop()
+            s.app.engine.drain(0)
