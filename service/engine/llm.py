@@ -18,16 +18,13 @@ packed after them. The KV cache is `kv.KVSlots`; CUDA graphs of the decode step 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from service.engine.kv import KVSlots
-
-if TYPE_CHECKING:
-    from service.engine.graphs import DecodeGraphs
 
 _BLOCK = 8
 
@@ -132,7 +129,8 @@ class Decoder:
         self._spans: list[tuple[int, int, int, int]] = []
         self._lin = _plain  # the projections' function for the pass being run
         self._chunk_mask: torch.Tensor | None = None
-        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA
+        # graphs.DecodeGraphs, set by the engine on CUDA: (tokens, positions, longest) -> logits
+        self.graphs: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 i: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from service.engine import mob as mob_module
 from service.engine.config import EagleConfig, ModelLoadError, read_config
+from service.engine.keys import official_names
 from service.engine.model import Eagle2Model
 
 log = logging.getLogger(__name__)
@@ -111,38 +112,6 @@ def build_empty(cfg: EagleConfig, attn: str = "sdpa") -> Eagle2Model:
     cfg.vision._attn_implementation = attn if attn != "flash_attention_2" else "sdpa"
     with init_empty_weights(include_buffers=False):
         return Eagle2Model(cfg)
-
-
-def official_names(model: Eagle2Model, keys=None) -> dict[str, str]:
-    """Module parameter name -> the name the official checkpoints store it under.
-
-    transformers 5 flattened SiglipVisionModel (no inner `vision_model.`); the checkpoints
-    keep the inner prefix, so it is put back here. Tied lm_head is left out. For Eagle2-9B's
-    two towers, the checkpoint's `keys` (when given) decide the tower order and the name of
-    ConvNeXt's layer scale.
-    """
-    names = {}
-    mob = model.cfg.mob
-    if mob is not None:
-        scale = "gamma"
-        if keys is not None:
-            order = mob_module.order_from_keys(keys, mob.order)
-            if order != mob.order:
-                log.warning("the checkpoint's keys put the towers in the order %s, its "
-                            "vision_path says %s: following the keys", order, mob.order)
-                mob = replace(mob, order=order)
-            scale = mob_module.layer_scale_name(keys, mob)
-        names = mob_module.official_mob_names(model, mob, scale)
-    for name, _ in model.named_parameters():
-        if name in names:
-            continue
-        if name.startswith("vision_model.") and not name.startswith("vision_model.vision_model."):
-            names[name] = "vision_model." + name
-        else:
-            names[name] = name
-    if model.cfg.tie_word_embeddings:
-        names.pop("language_model.lm_head.weight", None)
-    return names
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -180,7 +180,7 @@ def write_tiny_25(folder: Path, seed: int = 0) -> None:
 
 def _write(folder: Path, config, seed: int, layer_scale_as: str = "gamma", extra=None) -> None:
     from service.engine.config import parse_config
-    from service.engine.loader import official_names
+    from service.engine.keys import official_names
     from service.engine.model import Eagle2Model
 
     folder.mkdir(parents=True, exist_ok=True)
