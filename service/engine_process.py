@@ -189,7 +189,8 @@ class EngineProcess:
                     pass
             with self._lock:
                 in_flight = len(self._streams)
-            return {**self._last_stats, "in_flight": in_flight}
+            return {**self._last_stats, "in_flight": in_flight,
+                    "engine_restarts": self.restarts}
 
     def drain(self, grace: float) -> None:
         """Refuse new jobs; the child lets running ones finish for up to `grace` s and exits."""

@@ -45,7 +45,13 @@ class _EngineCollector:
                  "vision_cache_hits": ("eagle_vision_cache_hits",
                                        "Images and videos whose embeddings came from the cache"),
                  "vision_cache_misses": ("eagle_vision_cache_misses",
-                                         "Images and videos encoded by the vision tower")}
+                                         "Images and videos encoded by the vision tower"),
+                 "grammar_crashes": ("eagle_grammar_compile_crashes",
+                                     "Response formats that crashed a grammar compiler process"),
+                 "grammar_timeouts": ("eagle_grammar_compile_timeouts",
+                                      "Response formats killed at the compile time limit"),
+                 "engine_restarts": ("eagle_engine_restarts",
+                                     "Engine processes started again after one died")}
 
     def __init__(self, engine) -> None:
         self.engine = engine

@@ -137,7 +137,11 @@ def _killed_mid_stream(target: str, server_pid: int) -> grpc.RpcError:
 
 def test_a_dead_engine_fails_only_its_calls_is_restarted_and_a_crash_loop_exits_3(
         tiny_dir) -> None:
-    proc, target = serve(tiny_dir, "--video-workers", "0", "--engine-restarts", "2")
+    from test_process import _free_port
+
+    metrics = _free_port()
+    proc, target = serve(tiny_dir, "--video-workers", "0", "--engine-restarts", "2",
+                         "--metrics-port", str(metrics))
     try:
         _wait_serving(target, proc)
         first = _engine_child(proc.pid)
@@ -152,6 +156,10 @@ def test_a_dead_engine_fails_only_its_calls_is_restarted_and_a_crash_loop_exits_
         _wait_health(target, 2)  # NOT_SERVING while the new engine loads the model
         _wait_serving(target, proc, limit=60)  # then back
         assert _engine_child(proc.pid) != first
+        import urllib.request
+
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10)
+        assert "eagle_engine_restarts_total 1.0" in scraped.read().decode()
         stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(target))
         other = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(max_new_tokens=3))
         other.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="hello")

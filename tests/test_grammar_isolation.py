@@ -106,6 +106,7 @@ def test_a_grammar_that_crashes_the_compiler_costs_only_its_request(engine) -> N
     assert str(info.value) == (f"{WHERE}.grammar.lark: the format crashed the grammar "
                                f"compiler (signal 11); it is too deep or too large to compile")
     assert grammars.probe.replaced >= 1 and set(grammars.probe.pids()) != before
+    assert engine.stats()["grammar_crashes"] >= 1  # eagle_grammar_compile_crashes_total
     start = time.monotonic()
     for fmt in (_fmt("regex", "[0-9]{4}"), _fmt("json_schema", '{"type": "integer"}'),
                 _fmt("lark", 'start: "yes" | "no"')):
@@ -147,7 +148,7 @@ def test_a_runaway_compile_is_killed_at_the_limit_and_never_blocks_another(probe
     slow.join(5)
     assert errors == ["generation.response_format.regex: the format took over 1 s to "
                       "compile; simplify it"]
-    assert probe.replaced == 1  # killed, not left running: its CPU is given back
+    assert probe.replaced == 1 and probe.timeouts == 1  # killed: its CPU is given back
     start = time.monotonic()
     probe.check(_fmt("regex", "[0-9]{2}"))
     probe.check(_fmt("regex", "[0-9]{3}"))

@@ -190,6 +190,8 @@ class CompileProbe:
         self._idle: list[_Worker] = []
         self._all: list[_Worker] = []
         self.replaced = 0
+        self.crashes = 0  # formats that crashed a worker
+        self.timeouts = 0  # formats killed at the time limit
 
     def _spawn(self) -> None:
         worker = _Worker(self._ctx, self._args)
@@ -245,6 +247,7 @@ class CompileProbe:
             if not worker.conn.poll(self.timeout_s):
                 self._replace(worker)
                 worker = None
+                self.timeouts += 1
                 raise InvalidRequest(f"{fmt.field}: the format took over {self.timeout_s:g} s "
                                      f"to compile; simplify it", field=fmt.field)
             _, reason = worker.conn.recv()
@@ -253,6 +256,7 @@ class CompileProbe:
             code = worker.proc.exitcode
             self._replace(worker)
             worker = None
+            self.crashes += 1
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             log.warning("a response format crashed the grammar compiler (%s)", how)
             raise InvalidRequest(f"{fmt.field}: the format crashed the grammar compiler "

@@ -197,7 +197,9 @@ class NativeEngine:
                     "running": len(self._running), "steps": self.steps,
                     "prefilling": int(self._chunking is not None),
                     "vision_cache_hits": cache.hits if cache is not None else 0,
-                    "vision_cache_misses": cache.misses if cache is not None else 0}
+                    "vision_cache_misses": cache.misses if cache is not None else 0,
+                    "grammar_crashes": self.grammars.probe.crashes,
+                    "grammar_timeouts": self.grammars.probe.timeouts}
 
     def drain(self, grace: float) -> None:
         """Refuse new jobs, let running ones finish for up to `grace` s, then end the rest."""
