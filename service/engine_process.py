@@ -220,6 +220,7 @@ class EngineProcess:
 
     def _read(self, proc, conn) -> None:
         outbox = Outbox()
+        stuck = False
         try:
             while True:
                 msg = conn.recv()
@@ -230,6 +231,7 @@ class EngineProcess:
                     self._stats.put(msg[1])
                 elif kind == "wedged":  # a model step stuck past its limit: start afresh
                     log.error("a model step is stuck past its limit: killing the engine process")
+                    stuck = True
                     proc.kill()
                 elif kind == "drained":
                     self._drained = True
@@ -241,6 +243,8 @@ class EngineProcess:
         proc.join(1)
         code = proc.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if stuck:
+            how = "killed: a model step was stuck past --step-timeout-s"
         log.error("the engine process exited unexpectedly (%s)", how)
         self._out.put(None)  # ends this child's writer
         self._after_death(how)
