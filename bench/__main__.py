@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.common import machine, write_json
 
-SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet", "family")
+SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet", "family", "kv")
 
 
 def main() -> None:
@@ -55,10 +55,14 @@ def main() -> None:
             from bench import fleet_bench
 
             text, data = fleet_bench.run(out)
-        else:
+        elif section == "family":
             from bench import family_bench
 
             text, data = family_bench.run(out)
+        else:
+            from bench import kv_bench
+
+            text, data = kv_bench.run(out)
         print(text)
         print(f"(JSON: {write_json(out, section, data)})\n")
 

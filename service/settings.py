@@ -28,6 +28,11 @@ class Settings:
     max_running: int = 16
     max_queue: int = 64
     max_batch_tokens: int = 262_144
+    # stall-free prefill: prompts over chunk_above tokens are prefilled a chunk per decode
+    # step, each as large as the per-iteration token budget leaves after the running rows
+    # (0: the device's measured default, 256 on CPU, 2048 on CUDA); chunk_above 0: never
+    token_budget: int = 0
+    chunk_above: int = 4096
     preprocess_workers: int = 2
     max_concurrent_rpcs: int = 0  # 0: running + queued + 64 (health watches, model info)
     default_deadline_s: float = 600.0  # for calls that come without a deadline

@@ -33,7 +33,7 @@ def job(rid: str, text: str, tokens: int, traced: bool = False,
 
 
 def test_running_streams_keep_producing_while_a_long_prompt_prefills(tiny) -> None:
-    engine = make_engine(tiny, max_running=16, prefill_chunk=2048)
+    engine = make_engine(tiny, max_running=16, token_budget=2048)
     times: dict[str, list[float]] = {f"s{i}": [] for i in range(8)}
     # logprobs: every token comes as a Delta, also when its text is held back
     streams = {rid: engine.submit(job(rid, f"stream {rid}", 4000, logprobs=True))
@@ -65,7 +65,9 @@ def test_running_streams_keep_producing_while_a_long_prompt_prefills(tiny) -> No
         assert isinstance(done, Finished) and done.usage.prompt_tokens > 19_000
         [trace] = [e for e in events if isinstance(e, Trace)]
         [prefill] = [s for s in trace.stages if s.name == "eagle.prefill"]
-        assert dict(prefill.attributes)["eagle.prefill_chunks"] == 10  # 2048 tokens each
+        # chunks of what 2048 leaves after the 8 decode rows: 2040 tokens each
+        assert dict(prefill.attributes)["eagle.prefill_chunks"] == \
+            -(-done.usage.prompt_tokens // 2040)
         window = (first - done.timing.prefill_ms / 1000, first)
         during = {rid: sum(window[0] <= t <= window[1] for t in ts) for rid, ts in times.items()}
         # ~10 decode steps ran between the chunks; without chunking there would be none
@@ -79,8 +81,8 @@ def test_running_streams_keep_producing_while_a_long_prompt_prefills(tiny) -> No
 
 
 def test_a_chunked_prefill_gives_the_unchunked_tokens(tiny) -> None:
-    chunked = make_engine(tiny, prefill_chunk=2048)
-    whole = make_engine(tiny, prefill_chunk=0)
+    chunked = make_engine(tiny, token_budget=2048)
+    whole = make_engine(tiny, chunk_above=0)
     try:
         a = list(chunked.submit(job("long", LONG_TEXT, 16)))[-1]
         b = list(whole.submit(job("long", LONG_TEXT, 16)))[-1]
@@ -93,7 +95,7 @@ def test_a_chunked_prefill_gives_the_unchunked_tokens(tiny) -> None:
 
 
 def test_a_cancel_between_chunks_ends_the_long_job_and_the_engine_goes_on(tiny) -> None:
-    engine = make_engine(tiny, prefill_chunk=1024)
+    engine = make_engine(tiny, token_budget=1024)
     try:
         stream = engine.submit(job("long", LONG_TEXT, 4))
         deadline = time.monotonic() + 30

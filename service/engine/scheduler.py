@@ -15,7 +15,7 @@ from preprocess.errors import PreprocessError
 from service.engine.detok import TextAssembler
 from service.engine.grammar import Constraint, Grammars
 from service.engine.graphs import DecodeGraphs
-from service.engine.interface import EngineInfo, EngineSettings
+from service.engine.interface import MIN_CHUNK, TOKEN_BUDGETS, EngineInfo, EngineSettings
 from service.engine.job import (
     Cancelled,
     ChatJob,
@@ -125,6 +125,8 @@ class NativeEngine:
         # one row beyond the batch: where a chunked prefill builds its keys and values
         self.decoder = Decoder(loaded.model.language_model, settings.max_running + 1, invariant)
         self._spare_row = settings.max_running
+        self.token_budget = settings.token_budget or TOKEN_BUDGETS.get(loaded.device.type,
+                                                                       2048)
         self._chunking: _Chunked | None = None
         if loaded.device.type == "cuda" and not invariant and settings.cuda_graphs:
             self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running)
@@ -292,8 +294,13 @@ class NativeEngine:
         return bool(self._waiting or self._running or self._chunking or self._stop)
 
     def _long(self, prep: Prepared) -> bool:
-        """Prefilled in chunks (see EngineSettings.prefill_chunk)."""
-        return 0 < self.settings.prefill_chunk < len(prep.ids)
+        """Prefilled in chunks, one per iteration (see EngineSettings.chunk_above)."""
+        return 0 < self.settings.chunk_above < len(prep.ids)
+
+    def _chunk_size(self) -> int:
+        """What this iteration's token budget leaves for the long prompt after the running
+        streams' decode rows."""
+        return max(MIN_CHUNK, self.token_budget - len(self._running))
 
     def _admit(self) -> list[tuple[JobStream, Prepared, float]]:
         """Pop waiting jobs that fit the batch-size cap and the token budget (lock held), in
@@ -446,7 +453,7 @@ class NativeEngine:
             self._chunking = None
             return
         total = len(run.prep.ids)
-        a, b = c.done, min(c.done + self.settings.prefill_chunk, total)
+        a, b = c.done, min(c.done + self._chunk_size(), total)
         self._threads(True)
         try:
             if c.embeds is None:  # the vision first, a slice of tiles per step

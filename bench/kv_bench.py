@@ -1,0 +1,90 @@
+"""The engine's memory and scheduling (issue 18's `kv` section, so far its stall-free prefill
+part): six short streams' inter-token latency alone and while one 26K-token prompt is
+admitted, for several per-iteration token budgets, with that prompt's time to first token."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from bench.common import pct, table
+from service.engine.job import ChatJob, ChatMessage, Delta, Role, SamplingParams, TextPart
+from service.engine.loader import load_model, resolve_model
+from service.engine.scheduler import EngineSettings, NativeEngine
+
+STREAMS = 6
+LONG_TEXT = " ".join(f"word{i}" for i in range(4000))  # ~26,000 tokens of the tiny tokenizer
+BUDGETS = (64, 128, 256, 512, 1024, 2048, 4096, 0)  # 0: the whole prompt in one pass
+
+
+def _job(rid: str, text: str, tokens: int) -> ChatJob:
+    return ChatJob(rid, (ChatMessage(Role.USER, (TextPart(text),)),),
+                   SamplingParams(max_new_tokens=tokens, ignore_eos=True, logprobs=True))
+
+
+def _one(engine: NativeEngine, alone_s: float = 1.5) -> dict:
+    stamps: list[list[float]] = [[] for _ in range(STREAMS)]
+    streams = [engine.submit(_job(f"s{i}", f"stream {i}", 20_000)) for i in range(STREAMS)]
+
+    def read(i: int) -> None:
+        try:
+            for event in streams[i]:
+                if isinstance(event, Delta):  # with logprobs every token is a Delta
+                    stamps[i] += [time.monotonic()] * len(event.logprobs)
+        except Exception:  # cancelled at the end
+            pass
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(STREAMS)]
+    for r in readers:
+        r.start()
+    while not all(stamps):
+        time.sleep(0.01)
+    quiet = time.monotonic()
+    time.sleep(alone_s)
+    start = time.monotonic()
+    first = None
+    for event in engine.submit(_job("long", LONG_TEXT, 2)):
+        if first is None and isinstance(event, Delta):
+            first = time.monotonic()
+        done = event
+    for s in streams:
+        s.cancel()
+    for r in readers:
+        r.join(30)
+
+    def gaps(lo: float, hi: float, inside: bool) -> list[float]:
+        """Gaps between a stream's tokens within [lo, hi], or overlapping it at all (a stall
+        that began before the long prompt was submitted still counts against it)."""
+        return [b - a for ts in stamps for a, b in zip(ts, ts[1:])
+                if ((lo <= a and b <= hi) if inside else (a < hi and b > lo))]
+
+    alone, during = gaps(quiet, start, True), gaps(start, first, False)
+    return {"prompt_tokens": done.usage.prompt_tokens, "ttft_s": first - start,
+            "itl_alone_p50_ms": pct(alone, 0.5) * 1000,
+            "itl_during_p50_ms": pct(during, 0.5) * 1000,
+            "itl_during_p99_ms": pct(during, 0.99) * 1000,
+            "itl_during_max_ms": max(during, default=first - start) * 1000,
+            "ratio_p50": pct(during, 0.5) / pct(alone, 0.5)}
+
+
+def run(out: Path) -> tuple[str, dict]:
+    lm = load_model(resolve_model("tiny"), "cpu")
+    rows = []
+    for budget in BUDGETS:
+        settings = EngineSettings(token_budget=budget) if budget else \
+            EngineSettings(chunk_above=0)
+        engine = NativeEngine(lm, settings)
+        try:
+            rows.append({"token_budget": budget, **_one(engine)})
+        finally:
+            engine.drain(0)
+    text = table(
+        f"Stall-free prefill: {STREAMS} running streams while a "
+        f"{rows[0]['prompt_tokens']:,}-token prompt is admitted (tiny model, CPU)",
+        ["token budget", "long prompt TTFT s", "streams' ITL p50 alone ms",
+         "p50 during ms", "p99 during ms", "max during ms", "p50 during / alone"],
+        [[r["token_budget"] if r["token_budget"] > 0 else "none (one pass)",
+          f"{r['ttft_s']:.2f}", f"{r['itl_alone_p50_ms']:.1f}", f"{r['itl_during_p50_ms']:.1f}",
+          f"{r['itl_during_p99_ms']:.1f}", f"{r['itl_during_max_ms']:.0f}",
+          f"{r['ratio_p50']:.2f}x"] for r in rows])
+    return text, {"prefill_budget": rows}
