@@ -63,6 +63,17 @@ def eagle2_1b_config(vocab: int = EAGLE2_VOCAB) -> dict:
     return cfg
 
 
+def device_tile_fidelity(jpeg: bytes, device: torch.device) -> int:
+    """Largest difference, in 8-bit levels, between a photo's tiles made on `device` and the
+    CPU path's with the processor's kernel (0 on a CPU device: the same decode and kernel)."""
+    from preprocess import device_tiles, tiler
+    from preprocess.media import decode_image
+
+    ours = device_tiles.jpeg_tiles(jpeg, 1, device=device, max_tiles=12).cpu().numpy()
+    ref = tiler.split_tiles(decode_image(jpeg), max_tiles=12, kernel="torch")
+    return int(abs(ours.astype("int16") - ref.astype("int16")).max())
+
+
 def random_model(raw: dict, device: torch.device, dtype: torch.dtype):
     """Build on the meta device, then fill every parameter with random values on `device`."""
     cfg = parse_config(raw)
@@ -258,6 +269,7 @@ def main() -> None:
               for i in range(4)]
     clip = factory.video(None, seconds=20, fps=10, width=640, height=360, gop_seconds=2)
     breakdown = image_breakdown(engine, photos[0])
+    fidelity = device_tile_fidelity(photos[0], device)
     from client import Video
     from service.server import BackgroundServer
     from service.settings import Settings
@@ -315,7 +327,8 @@ def main() -> None:
                               if eager_rows else None),
         "graphs": ({"captured": graphs.captured, "replayed": graphs.replayed}
                    if graphs is not None else None),
-        "peak_gpu_memory_bytes": peak, "mob_tower": mob}
+        "peak_gpu_memory_bytes": peak, "mob_tower": mob,
+        "device_tiles_max_abs_diff_levels": fidelity}
     print(f"Device: {name}; LLM weights {llm_bytes / 1e9:.2f} GB in {str(dtype)[6:]}; "
           f"{vocab_note}; bandwidth bound {bound:.0f} tok/s; peak GPU memory "
           f"{peak / 2**30:.1f} GiB\n")
@@ -332,6 +345,9 @@ def main() -> None:
           f"32 video frames {grpc_video['ttft_ms']:.0f} ms")
     print(f"  32 video frames with NVDEC asked for: {grpc_video_nvdec['ttft_ms']:.0f} ms "
           f"(decoded by: {nvdec})")
+    print(f"Tiles made on {device} (nvJPEG on CUDA, float resize in two rounded passes) vs "
+          f"the CPU's torch kernel (the Eagle2.5 processor's pixels): max |diff| "
+          f"{fidelity} levels")
     print(f"Eagle2-9B's towers{' (tiny shapes)' if args.tiny else ''}, "
           f"{mob['params'] / 1e9:.2f}B parameters, {mob['tiles']} tiles: both "
           f"{mob['both_towers_ms']:.0f} ms, SigLIP alone {mob['siglip_ms']:.0f} ms\n")

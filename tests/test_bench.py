@@ -54,6 +54,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert data["grpc_image"]["ttft_ms"] > 0 and data["grpc_video_32_frames"]["ttft_ms"] > 0
     # the photo's TTFT both ways: tiled on the device (here the CPU device) and by the CPU path
     assert data["grpc_image_cpu_preprocessing"]["ttft_ms"] > 0
+    assert data["device_tiles_max_abs_diff_levels"] == 0  # a CPU device: the same pixels
     assert data["image_breakdown_cpu_preprocessing"]["media.decode"] > 0
     assert data["image_breakdown"]["media.decode"] == 0  # decoded inside the device tiling
     assert "ms tiled on the CPU; 32 video frames" in bench_log
