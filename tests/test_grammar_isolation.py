@@ -181,3 +181,19 @@ def test_every_status_message_is_cut_to_a_thousand_bytes_with_a_note() -> None:
     assert status.details.endswith("... (29,534 more characters cut)"), status.details[-60:]
     size = sum(len(k) + len(v) for k, v in status.trailing_metadata)
     assert size < 3000, size  # the details proto repeats the message: still bounded
+
+
+def test_a_compiler_that_cannot_start_is_not_blamed_on_the_format() -> None:
+    """A worker that dies before it is ready (here: no usable tokenizer) never saw the
+    format: UNAVAILABLE for the server's fault, not INVALID_ARGUMENT for the caller's."""
+    from service.engine.job import Unavailable
+
+    probe = CompileProbe(object(), 100, [0], workers=1, timeout_s=5.0)
+    try:
+        with pytest.raises(Unavailable) as info:
+            probe.check(_fmt("regex", "[0-9]+", "generation.response_format.regex"))
+        assert str(info.value) == ("generation.response_format.regex: the grammar compiler "
+                                   "could not start (exit code 1); retry")
+        assert probe.crashes == 0
+    finally:
+        probe.close()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from service.engine.job import InvalidRequest, ResponseFormat
+from service.engine.job import InvalidRequest, ResponseFormat, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,12 @@ class CompileProbe:
         if worker is None:  # every worker busy with slow formats for a whole time limit
             raise InvalidRequest(f"{fmt.field}: every grammar compiler stayed busy for "
                                  f"{self.timeout_s:g} s; retry", field=fmt.field)
+        sent = False
         try:
             if not worker.poll_ready(120.0):  # a new worker's start is not counted
                 raise OSError("the grammar compiler did not start")
             worker.conn.send(fmt)
+            sent = True
             if not worker.conn.poll(self.timeout_s):
                 self._replace(worker)
                 worker = None
@@ -256,8 +258,12 @@ class CompileProbe:
             code = worker.proc.exitcode
             self._replace(worker)
             worker = None
-            self.crashes += 1
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            if not sent:  # the process never got the format: not the caller's fault
+                log.error("a grammar compiler process failed to start (%s)", how)
+                raise Unavailable(f"{fmt.field}: the grammar compiler could not start ({how}); "
+                                  f"retry", field=fmt.field) from None
+            self.crashes += 1
             log.warning("a response format crashed the grammar compiler (%s)", how)
             raise InvalidRequest(f"{fmt.field}: the format crashed the grammar compiler "
                                  f"({how}); it is too deep or too large to compile",
