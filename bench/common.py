@@ -91,3 +91,28 @@ def tree_status(pid: int, field: str) -> int:
         except FileNotFoundError:  # exited meanwhile
             pass
     return total
+
+
+def stamp_tokens(streams: list) -> tuple[list[list[float]], list]:
+    """One reader thread per engine stream recording when each token arrived (with logprobs
+    every token is a Delta); returns the stamps and the threads, once every stream has one."""
+    import threading
+
+    from service.engine.job import Delta
+
+    stamps: list[list[float]] = [[] for _ in streams]
+
+    def read(i: int) -> None:
+        try:
+            for event in streams[i]:
+                if isinstance(event, Delta):
+                    stamps[i] += [time.monotonic()] * len(event.logprobs)
+        except Exception:  # cancelled at the end
+            pass
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+    for r in readers:
+        r.start()
+    while not all(stamps):
+        time.sleep(0.01)
+    return stamps, readers

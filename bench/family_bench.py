@@ -4,13 +4,12 @@ or at once, with the inter-token latency of streams running beside it."""
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import pct, table
+from bench.common import pct, stamp_tokens, table
 from service.engine.job import (
     ChatJob,
     ChatMessage,
@@ -61,24 +60,10 @@ def long_video(chunked=(True, False)) -> list[dict]:
 
 
 def _one(engine: NativeEngine, clip: bytes) -> dict:
-    stamps: list[list[float]] = [[] for _ in range(STREAMS)]
     streams = [engine.submit(ChatJob(f"s{i}", (ChatMessage(Role.USER, (TextPart(
         f"stream {i}"),)),), SamplingParams(max_new_tokens=4000, ignore_eos=True,
                                              logprobs=True))) for i in range(STREAMS)]
-
-    def read(i: int) -> None:
-        try:
-            for event in streams[i]:
-                if isinstance(event, Delta):
-                    stamps[i] += [time.monotonic()] * len(event.logprobs)
-        except Exception:  # cancelled at the end
-            pass
-
-    readers = [threading.Thread(target=read, args=(i,)) for i in range(STREAMS)]
-    for r in readers:
-        r.start()
-    while not all(stamps):
-        time.sleep(0.01)
+    stamps, readers = stamp_tokens(streams)
     job = ChatJob("video", (ChatMessage(Role.USER, (VideoPart(data=clip),
                                                     TextPart("What happens?"))),),
                   SamplingParams(max_new_tokens=2, ignore_eos=True),

@@ -3,11 +3,10 @@ part): six short streams' inter-token latency alone and while one 26K-token prom
 admitted, for several per-iteration token budgets, with that prompt's time to first token."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
-from bench.common import pct, table
+from bench.common import pct, stamp_tokens, table
 from service.engine.job import ChatJob, ChatMessage, Delta, Role, SamplingParams, TextPart
 from service.engine.loader import load_model, resolve_model
 from service.engine.scheduler import EngineSettings, NativeEngine
@@ -23,22 +22,8 @@ def _job(rid: str, text: str, tokens: int) -> ChatJob:
 
 
 def _one(engine: NativeEngine, alone_s: float = 1.5) -> dict:
-    stamps: list[list[float]] = [[] for _ in range(STREAMS)]
     streams = [engine.submit(_job(f"s{i}", f"stream {i}", 20_000)) for i in range(STREAMS)]
-
-    def read(i: int) -> None:
-        try:
-            for event in streams[i]:
-                if isinstance(event, Delta):  # with logprobs every token is a Delta
-                    stamps[i] += [time.monotonic()] * len(event.logprobs)
-        except Exception:  # cancelled at the end
-            pass
-
-    readers = [threading.Thread(target=read, args=(i,)) for i in range(STREAMS)]
-    for r in readers:
-        r.start()
-    while not all(stamps):
-        time.sleep(0.01)
+    stamps, readers = stamp_tokens(streams)
     quiet = time.monotonic()
     time.sleep(alone_s)
     start = time.monotonic()
