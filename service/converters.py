@@ -1,6 +1,7 @@
 """The one place that maps protobuf to domain objects and back, validating every field."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -107,16 +108,33 @@ def _valid_id(rid: str) -> bool:
 
 
 def to_job(request: AnyChatRequest, limits: Limits, rid: str,
-           timeout_s: float | None = None) -> ChatJob:
-    """Validate a ChatRequest and build the engine's ChatJob. Raises RequestError(field, why)."""
+           timeout_s: float | None = None, namespace: str = "") -> ChatJob:
+    """Validate a ChatRequest and build the engine's ChatJob. Raises RequestError(field, why).
+    `namespace` is the caller's prefix-cache namespace (`caller_namespace`)."""
     messages = _messages(request, limits)
+    salt = request.cache_salt
+    if len(salt.encode()) > MAX_CACHE_SALT:
+        raise RequestError("cache_salt", f"{len(salt.encode())} bytes, over the limit of "
+                                         f"{MAX_CACHE_SALT}")
     return ChatJob(
         request_id=rid,
         messages=messages,
         sampling=_sampling(request.generation, limits),
         vision=_vision(request.vision, limits),
         deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+        cache_namespace=f"{namespace}\0{salt}" if salt else namespace,
     )
+
+
+MAX_CACHE_SALT = 256
+
+
+def caller_namespace(authorization: str) -> str:
+    """The prefix-cache namespace of a caller who sent `authorization` (already checked by
+    the auth interceptor): one per bearer token, named by a hash of it (the token itself
+    never leaves this function)."""
+    _, _, token = authorization.strip().partition(" ")
+    return "token:" + hashlib.sha256(token.strip().encode("latin-1")).hexdigest()[:32]
 
 
 def _messages(request: AnyChatRequest, limits: Limits) -> tuple[ChatMessage, ...]:
@@ -341,7 +359,8 @@ def _vision(v: chat_pb2.VisionConfig, limits: Limits) -> VisionParams:
 def usage_pb(u: Usage) -> chat_pb2.Usage:
     return chat_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                           vision_tokens=u.vision_tokens, image_tiles=u.image_tiles,
-                          video_frames=u.video_frames, cached_tiles=u.cached_tiles)
+                          video_frames=u.video_frames, cached_tiles=u.cached_tiles,
+                          cached_prompt_tokens=u.cached_prompt_tokens)
 
 
 def timing_pb(t: Timing) -> chat_pb2.Timing:

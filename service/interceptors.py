@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -13,10 +14,14 @@ _OPEN = ("/grpc.health.v1.Health/",)
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks `authorization: Bearer <token>` in constant time (the scheme in any case, as
     HTTP auth schemes are); never logs the token. Every method kind is covered: unary,
-    server, client and bidirectional streaming (reflection is the last)."""
+    server, client and bidirectional streaming (reflection is the last).
+
+    `token` may hold several, one per line or comma-separated (one per tenant: each has its
+    own prefix-cache namespace, see converters.caller_namespace); every one is compared, so
+    the time taken does not say which matched."""
 
     def __init__(self, token: str) -> None:
-        self._expected = token.encode()
+        self._expected = [t.strip().encode() for t in re.split(r"[\n,]", token) if t.strip()]
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -27,8 +32,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
         sent = sent if isinstance(sent, str) else bytes(sent).decode("latin-1")
         scheme, _, token = sent.strip().partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"),
-                                                              self._expected):
+        sent_token = token.strip().encode("latin-1")
+        matches = [hmac.compare_digest(sent_token, t) for t in self._expected]
+        if scheme.lower() == "bearer" and any(matches):
             return await continuation(details)
         handler = await continuation(details)
         why = ("missing authorization metadata: send 'authorization: Bearer <token>'"

@@ -40,7 +40,12 @@ class _EngineCollector:
 
     _GAUGES = {"waiting": ("eagle_queue_depth", "Jobs waiting for the running batch"),
                "running": ("eagle_running_batch_size", "Jobs in the running batch"),
-               "in_flight": ("eagle_jobs_in_flight", "Jobs accepted and not yet finished")}
+               "in_flight": ("eagle_jobs_in_flight", "Jobs accepted and not yet finished"),
+               "kv_blocks_used": ("eagle_kv_blocks_used", "KV cache blocks held by requests"),
+               "kv_blocks_cached": ("eagle_kv_blocks_cached",
+                                    "KV cache blocks held by none, kept for prefix hits"),
+               "kv_blocks_free": ("eagle_kv_blocks_free", "KV cache blocks neither used nor "
+                                                          "cached")}
     _COUNTERS = {"steps": ("eagle_decode_steps", "Decode steps of the running batch"),
                  "vision_cache_hits": ("eagle_vision_cache_hits",
                                        "Images and videos whose embeddings came from the cache"),
@@ -50,6 +55,14 @@ class _EngineCollector:
                                      "Response formats that crashed a grammar compiler process"),
                  "grammar_timeouts": ("eagle_grammar_compile_timeouts",
                                       "Response formats killed at the compile time limit"),
+                 "kv_blocks_evicted": ("eagle_kv_blocks_evicted",
+                                       "Cached KV blocks whose space was taken for new tokens"),
+                 "prefix_prompt_tokens": ("eagle_prefix_cache_queried_tokens",
+                                          "Prompt tokens looked up in the prefix cache"),
+                 "prefix_hit_tokens": ("eagle_prefix_cache_hit_tokens",
+                                       "Prompt tokens found in the prefix cache (not computed)"),
+                 "kv_preemptions": ("eagle_kv_preemptions",
+                                    "Jobs preempted when the KV pool ran out, computed again"),
                  "engine_restarts": ("eagle_engine_restarts",
                                      "Engine processes started again after one died")}
 

@@ -101,7 +101,8 @@ class EagleServer:
         limits = Limits.from_settings(settings, engine.info())
         self.ledger = Ledger(settings.ledger_file) if settings.ledger_file else None
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
-                                     {"max_request_bytes": settings.max_request_bytes},
+                                     {"max_request_bytes": settings.max_request_bytes,
+                                      "token_namespaces": bool(settings.auth_token)},
                                      settings.default_deadline_s, self.ledger, tracing)
         self.server.add_generic_rpc_handlers((chat_handlers(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

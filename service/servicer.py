@@ -89,7 +89,11 @@ class _Call:
         remaining = self.context.time_remaining()
         if remaining is None:  # no deadline from the client: the server's default applies
             remaining = self.owner.default_deadline_s
-        job = converters.to_job(request, self.owner.limits, self.rid, remaining)
+        namespace = ""
+        if self.owner.info.get("token_namespaces"):  # one prefix cache per bearer token
+            namespace = converters.caller_namespace(
+                _metadata_value(self.context, "authorization"))
+        job = converters.to_job(request, self.owner.limits, self.rid, remaining, namespace)
         if self.span is not None and self.span.is_recording():
             self.span.set_attribute("eagle.request_id", self.rid)
             job.traced = True
@@ -115,7 +119,8 @@ class _Call:
             self.span.set_attributes({
                 "eagle.finish_reason": done.reason.value, "eagle.prompt_tokens": u.prompt_tokens,
                 "eagle.completion_tokens": u.completion_tokens, "eagle.image_tiles": u.image_tiles,
-                "eagle.video_frames": u.video_frames, "eagle.cached_tiles": u.cached_tiles})
+                "eagle.video_frames": u.video_frames, "eagle.cached_tiles": u.cached_tiles,
+                "eagle.cached_prompt_tokens": u.cached_prompt_tokens})
 
     async def fail(self, exc: Exception) -> None:
         code, message, field = classify(exc)
@@ -218,4 +223,5 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             max_video_frames=self.limits.max_video_frames,
             max_images_per_request=self.limits.max_images,
             max_new_tokens=self.limits.max_new_tokens, device=info.device,
-            max_request_bytes=self.info["max_request_bytes"], server_version=__version__)
+            max_request_bytes=self.info["max_request_bytes"], server_version=__version__,
+            kv_block_size=info.kv_block_size, kv_cache_blocks=info.kv_blocks)

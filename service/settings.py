@@ -33,6 +33,12 @@ class Settings:
     # (0: the device's measured default, 256 on CPU, 2048 on CUDA); chunk_above 0: never
     token_budget: int = 0
     chunk_above: int = 4096
+    # the KV cache: a pool of kv_cache_mb (0: a quarter of free RAM on CPU, the GPU's free
+    # memory after weights less a reserve on CUDA; see README) in blocks of kv_block_size
+    # tokens; prefix_cache shares full blocks between requests whose prompts start alike
+    kv_cache_mb: int = 0
+    kv_block_size: int = 16
+    prefix_cache: bool = True
     preprocess_workers: int = 2
     max_concurrent_rpcs: int = 0  # 0: running + queued + 64 (health watches, model info)
     default_deadline_s: float = 600.0  # for calls that come without a deadline
@@ -71,6 +77,8 @@ class Settings:
     media_roots: tuple[str, ...] = ()
     allow_urls: bool = False
     # security
+    # one bearer token, or several (comma- or newline-separated, e.g. one per line of the
+    # token file): one per tenant, each with its own prefix-cache namespace
     auth_token: str = field(default="", repr=False)
     tls_cert: str = ""
     tls_key: str = ""
@@ -139,6 +147,9 @@ class Settings:
             raise ValueError("--default-video-frames is above --max-video-frames")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("--default-max-new-tokens is above --max-new-tokens")
+        if self.kv_block_size < 1 or 64 % self.kv_block_size:
+            raise ValueError(f"--kv-block-size {self.kv_block_size}: use 1, 2, 4, 8, 16, 32 "
+                             f"or 64 (a divisor of the 64-key attention grain)")
 
 
 def _parse_bool(text: str) -> bool:

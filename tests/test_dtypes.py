@@ -76,15 +76,17 @@ def test_static_decode_steps_match_the_dynamic_path_in_bfloat16(tiny_bf16) -> No
     lengths = [251, 9, 40]
     eager, static = Decoder(lm, 8), Decoder(lm, 8)
     static.graphs = DecodeGraphs(static, 8, capture=False)
-    assert static.slots.k[0].dtype == torch.bfloat16
+    assert static.pool.k[0].dtype == torch.bfloat16
     with torch.inference_mode():
+        tables = {}
         for dec in (eager, static):
-            for row, n in enumerate(lengths):
-                dec.prefill(lm.model.embed_tokens(ids[:n]), row)
+            tables[dec] = [dec.reserve(n + 8) for n in lengths]
+            for table, n in zip(tables[dec], lengths):
+                dec.prefill(lm.model.embed_tokens(ids[:n]), table)
         tokens, positions = ids[lengths], torch.tensor(lengths)
-        for _ in range(8):  # row 0 crosses 256 keys: the KV grows, the shapes are retired
-            a = eager.decode_step(tokens, positions)
-            b = static.decode_step(tokens, positions, int(positions.max()))
+        for _ in range(8):  # row 0 crosses 256 keys: the next shape
+            a = eager.decode_step(tokens, positions, tables[eager])
+            b = static.decode_step(tokens, positions, tables[static], int(positions.max()))
             assert a.dtype == b.dtype == torch.bfloat16
             assert torch.equal(a.argmax(-1), b.argmax(-1))
             assert (a.float() - b.float()).abs().max() < 0.1

@@ -63,8 +63,9 @@ def test_logits_equal_an_independent_composition_with_two_images(tiny, tiny_dir)
     ctx = tiny.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     with torch.inference_mode():
         feats = tiny.model.encode_tiles(pixels)
-        ours = Decoder(tiny.model.language_model, 2).prefill(
-            tiny.model.embed(ids, feats, ctx), 0, all_logits=True)
+        dec = Decoder(tiny.model.language_model, 2)
+        ours = dec.prefill(tiny.model.embed(ids, feats, ctx), dec.reserve(len(ids)),
+                           all_logits=True)
         vision, mlp, llm = _independent(tiny_dir)
         v = vision(pixel_values=pixels).last_hidden_state  # (6, 1024, c)
         v = _shuffle_like_upstream(v.reshape(6, 32, 32, -1)).reshape(6, 256, -1)
@@ -181,9 +182,10 @@ def test_batched_decode_matches_transformers_for_rows_of_different_lengths(tiny,
         ref = lm(input_ids=ids[None]).logits[0]
         dec = Decoder(lm, 4, batch_invariant=invariant)
         lengths = [50, 12, 31]
-        for row, n in enumerate(lengths):
-            dec.prefill(lm.model.embed_tokens(ids[:n]), row)
-        out = dec.decode_step(ids[lengths], torch.tensor(lengths))
+        tables = [dec.reserve(n + 1) for n in lengths]
+        for table, n in zip(tables, lengths):
+            dec.prefill(lm.model.embed_tokens(ids[:n]), table)
+        out = dec.decode_step(ids[lengths], torch.tensor(lengths), tables)
     for row, n in enumerate(lengths):
         assert torch.allclose(out[row], ref[n], atol=1e-4), (row, (out[row] - ref[n]).abs().max())
 
@@ -212,7 +214,7 @@ def test_fused_projections_are_views_and_leave_the_weights_as_loaded(tiny_dir) -
 
 def test_static_decode_steps_for_cuda_graphs_match_the_dynamic_path(tiny) -> None:
     """What a GPU replays from CUDA graphs, run eagerly here: padded batch buckets, key
-    lengths by power of two (crossing 256 mid-way), a KV growth that retires the shapes."""
+    lengths by power of two (crossing 256 mid-way), padded block tables."""
     from service.engine.graphs import DecodeGraphs
 
     lm = tiny.model.language_model
@@ -225,16 +227,17 @@ def test_static_decode_steps_for_cuda_graphs_match_the_dynamic_path(tiny) -> Non
     assert static.graphs.shapes(1, 10) == (1, 256)
     assert static.graphs.shapes(13, 10) == (16, 256)
     with torch.inference_mode():
+        tables = {}
         for dec in (eager, static):
-            for row, n in enumerate(lengths):
-                dec.prefill(lm.model.embed_tokens(ids[:n]), row)
+            tables[dec] = [dec.reserve(n + 6) for n in lengths]
+            for table, n in zip(tables[dec], lengths):
+                dec.prefill(lm.model.embed_tokens(ids[:n]), table)
         tokens = ids[lengths]
         positions = torch.tensor(lengths)
-        version = static.slots.version
-        for _ in range(6):  # rows 0 and 3 cross from 256 to 512 keys: the KV rows grow
-            a = eager.decode_step(tokens, positions)
-            b = static.decode_step(tokens, positions, int(positions.max()))
+        for _ in range(6):  # rows 0 and 3 cross from 256 to 512 keys
+            a = eager.decode_step(tokens, positions, tables[eager])
+            b = static.decode_step(tokens, positions, tables[static], int(positions.max()))
             assert b.shape == a.shape == (5, lm.config.vocab_size)
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
             tokens, positions = a.argmax(-1), positions + 1
-        assert static.slots.version > version and static.graphs._version == static.slots.version
+        assert static.pool.counts().used == sum(-(-(n + 6) // 16) for n in lengths)

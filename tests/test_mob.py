@@ -98,8 +98,9 @@ def test_tiny_mob_logits_equal_an_independent_composition(mob, mob_dir) -> None:
     ctx = mob.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     with torch.inference_mode():
         feats = mob.model.encode_tiles(pixels)
-        ours = Decoder(mob.model.language_model, 2).prefill(
-            mob.model.embed(ids, feats, ctx), 0, all_logits=True)
+        dec = Decoder(mob.model.language_model, 2)
+        ours = dec.prefill(mob.model.embed(ids, feats, ctx), dec.reserve(len(ids)),
+                           all_logits=True)
         siglip, convnext, mlp, llm = _independent(mob_dir)
         s = siglip(pixel_values=pixels).last_hidden_state  # (3, 1024, 64)
         s = _shuffle_like_upstream(s.reshape(3, 32, 32, -1)).reshape(3, 256, -1)

@@ -41,7 +41,7 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
               for m in ("ChatRequest", "StreamChatRequest", "ChatResponse", "StreamChatResponse")}
     # the two requests (and the two replies) are the same on the wire
     assert fields["ChatRequest"] == fields["StreamChatRequest"] == [
-        ("request_id", 1), ("messages", 2), ("generation", 3), ("vision", 4)]
+        ("request_id", 1), ("messages", 2), ("generation", 3), ("vision", 4), ("cache_salt", 5)]
     assert fields["ChatResponse"] == fields["StreamChatResponse"] == [
         ("request_id", 1), ("text", 2), ("finish_reason", 3), ("usage", 4), ("timing", 5),
         ("adjustments", 6), ("stop_sequence", 7), ("logprobs", 8)]
@@ -54,7 +54,8 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
                                           "json_schema", "json_object", "regex", "choice",
                                           "grammar", "logprobs", "top_logprobs"]
     assert fields["Usage"] == ["prompt_tokens", "completion_tokens", "vision_tokens",
-                               "image_tiles", "video_frames", "cached_tiles"]
+                               "image_tiles", "video_frames", "cached_tiles",
+                               "cached_prompt_tokens"]
     assert fields["Timing"] == ["queue_ms", "preprocess_ms", "prefill_ms", "decode_ms"]
     assert hasattr(chat_pb2_grpc, "ChatServiceStub")
 

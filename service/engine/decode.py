@@ -23,7 +23,10 @@ class Decoding:
     """NativeEngine's decode step and finish (a part of the engine, split off for size)."""
 
     def _step(self) -> None:
+        self._grow()  # a block for each row whose next position starts one (may preempt)
         rows = self._running
+        if not rows:
+            return
         self._threads(False)
         tokens = torch.tensor([r.last for r in rows], device=self.lm.device)
         positions = torch.tensor([r.length for r in rows], device=self.lm.device)
@@ -36,7 +39,8 @@ class Decoding:
         try:
             if self.fault_hook:
                 self.fault_hook("step", rows)
-            logits = self.decoder.decode_step(tokens, positions, max(r.length for r in rows))
+            logits = self.decoder.decode_step(tokens, positions, [r.table for r in rows],
+                                              max(r.length for r in rows))
         except torch.OutOfMemoryError:
             # The batch did not fit: the job holding the most cache leaves with
             # RESOURCE_EXHAUSTED, the others retry the step without it.
@@ -61,8 +65,12 @@ class Decoding:
                        for k, i in enumerate(constrained)}
         # plain greedy rows (most traffic) take one argmax over the whole batch
         argmax = logits[:, : self.vocab_limit].argmax(-1).tolist()
+        size = self.pool.block_size
         for i, r in enumerate(rows):
+            r.tokens.append(r.last)  # now in its blocks at position r.length
             r.length += 1
+            if r.length % size == 0:
+                self._register(r)
             try:
                 if r.sampler.plain_greedy:
                     self._accept(r, argmax[i])
@@ -120,7 +128,7 @@ class Decoding:
         usage = Usage(prompt_tokens=len(p.ids), completion_tokens=r.generated,
                       vision_tokens=self.lm.cfg.patch_tokens * (p.image_tiles + p.video_frames),
                       image_tiles=p.image_tiles, video_frames=p.video_frames,
-                      cached_tiles=r.cached_tiles)
+                      cached_tiles=r.cached_tiles, cached_prompt_tokens=r.cached_tokens)
         timing = Timing(queue_ms=max(0.0, (r.t_admit - r.t_submit) * 1000 - p.preprocess_ms),
                         preprocess_ms=p.preprocess_ms,
                         prefill_ms=(r.t_first - r.t_admit) * 1000,

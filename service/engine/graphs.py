@@ -17,25 +17,27 @@ class DecodeGraphs:
     kernel launches from Python, which is where single-stream decode loses its time on a GPU.
 
     A graph is captured, on first use, per (batch bucket, key-length bucket); a step pads
-    its rows up to the bucket (the padding rows are unused KV rows, written at position 0)
-    and attends over the power-of-two key length above its longest row. Captured graphs
-    point at the KV tensors, so they are dropped when those are replaced (growth, idle
-    release). `capture=False` runs the same static steps eagerly: how the padding, buckets
-    and invalidation are tested on a machine without CUDA.
+    its rows up to the bucket (padding rows write into the null block) and its block tables
+    up to the power-of-two key length above its longest row, so every row of a replayed step
+    reads that many keys. The pool never moves, so graphs stay valid for the engine's life.
+    `capture=False` runs the same static steps eagerly: how the padding and buckets are
+    tested on a machine without CUDA.
     """
 
     BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     MIN_KEYS = 256
 
-    def __init__(self, decoder: Decoder, max_rows: int, capture: bool = True) -> None:
+    def __init__(self, decoder: Decoder, max_rows: int, capture: bool = True,
+                 max_keys: int = 131_072) -> None:
         self.dec = decoder
         self.capture = capture
         self.batches = sorted({b for b in self.BATCHES if b < max_rows} | {max_rows})
-        device = decoder.slots.k[0].device
+        device = decoder.device
         self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
+        width = max(self.MIN_KEYS, 1 << (max_keys - 1).bit_length()) // decoder.block_size
+        self.blocks = torch.zeros(max_rows, width, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
-        self._version = decoder.slots.version
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0
         self.replayed = 0
@@ -46,38 +48,39 @@ class DecodeGraphs:
         return batch, max(self.MIN_KEYS, 1 << longest.bit_length())
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, tables: list[list[int]],
                  longest: int) -> torch.Tensor:
         b = tokens.shape[0]
         batch, t = self.shapes(b, longest)
-        self.dec.slots.reserve(t)
-        if self.dec.slots.version != self._version:
-            self._graphs.clear()
-            self._version = self.dec.slots.version
+        m = t // self.dec.block_size
+        if m > self.blocks.shape[1]:  # beyond what the graphs were sized for: run eagerly
+            return self.dec.forward(tokens, positions, tables)
         self.tokens[:b].copy_(tokens)
         self.tokens[b:batch].zero_()
         self.positions[:b].copy_(positions)
         self.positions[b:batch].zero_()
+        self.blocks[:batch, :m].copy_(self.dec._padded(tables + [[]] * (batch - b), m),
+                                      non_blocking=True)
+        args = (self.tokens[:batch], self.positions[:batch], self.blocks[:batch, :m])
         if not self.capture:
-            return self.dec.static_decode(self.tokens[:batch], self.positions[:batch], t)[:b]
+            return self.dec.static_decode(*args)[:b]
         entry = self._graphs.get((batch, t))
         if entry is None:
             try:
-                entry = self._graphs[(batch, t)] = self._capture(batch, t)
+                entry = self._graphs[(batch, t)] = self._capture(args)
             except torch.OutOfMemoryError:
                 raise
             except Exception:  # a step this build cannot capture: serve eagerly from now on
                 log.exception("capturing the decode step as a CUDA graph failed; decoding "
                               "without graphs")
                 self.dec.graphs = None
-                return self.dec.forward(tokens, positions)
+                return self.dec.forward(tokens, positions, tables)
         graph, logits = entry
         graph.replay()
         self.replayed += 1
         return logits[:b]
 
-    def _capture(self, batch: int, t: int) -> tuple[object, torch.Tensor]:
-        args = (self.tokens[:batch], self.positions[:batch], t)
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[object, torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs require

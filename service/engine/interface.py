@@ -36,6 +36,13 @@ class EngineSettings:
     # token_budget 0: the device's measured default (TOKEN_BUDGETS); chunk_above 0: never.
     token_budget: int = 0
     chunk_above: int = 4096
+    # The KV cache (kv.py): blocks of `kv_block_size` tokens from one pool of `kv_cache_mb`
+    # (0: the device's default, admission.pool_blocks); full blocks are shared between jobs
+    # whose prompts start alike (same tokens, media and cache namespace) unless prefix_cache
+    # is off.
+    kv_cache_mb: int = 0
+    kv_block_size: int = 16
+    prefix_cache: bool = True
     media: MediaSettings = MediaSettings()
     grammar: GrammarSettings = GrammarSettings()
 

@@ -104,6 +104,9 @@ class ChatJob:
     deadline: float | None = None  # time.monotonic() seconds
     created: float = field(default_factory=time.monotonic)
     traced: bool = False  # record Stages for the request's trace
+    # Whose prefix cache the job reads and adds to: jobs share KV blocks only within one
+    # namespace (the caller's token and the request's cache_salt, see converters).
+    cache_namespace: str = ""
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.monotonic()) >= self.deadline
@@ -156,6 +159,7 @@ class Usage:
     image_tiles: int = 0
     video_frames: int = 0
     cached_tiles: int = 0
+    cached_prompt_tokens: int = 0
 
 
 @dataclass
@@ -223,6 +227,8 @@ class EngineInfo:
     prompt_style: str = "eagle2"  # eagle2 (the upstream worker's) or eagle2.5 (its processor's)
     max_video_frames: int = 64  # the frame limits the engine's media stage enforces
     default_video_frames: int = 32
+    kv_block_size: int = 0  # tokens per KV block
+    kv_blocks: int = 0  # blocks in the KV pool
 
 
 class ModelLoadError(Exception):

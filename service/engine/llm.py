@@ -1,9 +1,11 @@
-"""Prefill and batched decode over the Qwen2 layers of transformers, with our own KV slots.
+"""Prefill and batched decode over the Qwen2 layers of transformers, with our own KV cache.
 
 The layers' modules (projections, norms, MLP, rotary) are transformers' own; what is ours
-is the cache: one tensor per layer holding every running job's keys and values in its own
-row, so one decode step advances the whole batch with a single attention call per layer.
-Rows are kept compact (the running jobs are rows 0..B-1) by moving the last row into a gap.
+is the cache: keys and values in fixed-size blocks of one pool (`kv.BlockPool`), each job
+with a block table, so a job holds memory for its own tokens only. A pass writes each new
+token's keys into its job's blocks and gathers, per group of rows of similar length, the
+blocks each row attends over: a row reads its own tokens (rounded up to its key bucket),
+never the longest row's.
 
 Batch-invariant mode (the default on CPU) makes a job's tokens independent of what it is
 batched with: every matrix product gets at least 8 rows (BLAS picks its kernel by shape, and
@@ -12,8 +14,7 @@ that depends on the row alone (`key_bucket`), rows of one bucket together. It co
 speed and buys exact reproducibility under greedy decoding.
 
 One pass (`forward`) serves both phases: running rows with one new token each, and prompts
-packed after them. The KV cache is `kv.KVSlots`; CUDA graphs of the decode step are
-`graphs.DecodeGraphs`.
+packed after them. CUDA graphs of the decode step are `graphs.DecodeGraphs`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from service.engine.kv import KVSlots
+from service.engine.kv import NULL_BLOCK, BlockPool, blocks_for
 
 _BLOCK = 8
+Table = list[int]  # a job's KV blocks in position order
 
 
 @dataclass
@@ -36,18 +38,33 @@ class _Group:
     t: int
     rows: slice | torch.Tensor  # a slice when the rows are consecutive
     mask: torch.Tensor  # (rows, 1, 1, t) additive: each row sees its own positions only
+    blocks: torch.Tensor  # (rows, t / block size): each row's table, padded with the null block
 
 
 @dataclass
 class _StepPlan:
-    """What every layer of one decode step shares: row positions, key length, mask, groups."""
+    """What every layer of one decode step shares: where each row's new key goes, and the
+    groups of rows that attend together (or, row by row, each row's blocks)."""
 
     positions: list[int]
-    t: int
-    mask: torch.Tensor | None
-    groups: list[_Group] | None = None
-    rows: torch.Tensor = torch.empty(0, dtype=torch.long)  # 0..b-1, the running rows
-    at: torch.Tensor = torch.empty(0, dtype=torch.long)  # their positions, as a tensor
+    groups: list[_Group]
+    rows: int = 0  # running rows in the pass (0..rows-1)
+    to_block: torch.Tensor | None = None  # (rows,) the block of each row's new token
+    to_slot: torch.Tensor | None = None  # (rows,) its place in that block
+    tables: list[torch.Tensor] | None = None  # each row's own blocks (row-by-row mode)
+
+
+@dataclass
+class _Span:
+    """A prompt (or a chunk of one) in a pass: its rows of the pass, where its keys go and,
+    for a chunk after earlier positions, the blocks it attends over."""
+
+    start: int
+    n: int
+    offset: int  # its first position: above 0 for a chunk after positions already cached
+    to_block: torch.Tensor  # (n,)
+    to_slot: torch.Tensor  # (n,)
+    blocks: torch.Tensor | None  # (blocks over offset + n,) when offset > 0
 
 
 def key_bucket(length: int) -> int:
@@ -57,6 +74,14 @@ def key_bucket(length: int) -> int:
     stays under an eighth of the row (or under 64 keys)."""
     grain = max(64, 1 << max(0, length.bit_length() - 4))
     return -(-length // grain) * grain
+
+
+def kv_bytes_per_token(causal_lm: torch.nn.Module) -> int:
+    """Bytes of keys and values one token holds across the model's layers."""
+    cfg = causal_lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = next(causal_lm.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * size
 
 
 def _plain(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +128,7 @@ class Decoder:
     """Runs a causal LM from transformers (Qwen2 layout) as prefill + batched decode steps."""
 
     def __init__(self, causal_lm: torch.nn.Module, max_rows: int,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, blocks: int = 0, block_size: int = 16) -> None:
         self.lm = causal_lm
         self.invariant = batch_invariant
         self.body = causal_lm.model
@@ -118,19 +143,27 @@ class Decoder:
         self.kv_heads = cfg.num_key_value_heads
         self.scale = attn.scaling
         param = next(causal_lm.parameters())
-        self.slots = KVSlots(len(self.layers), max_rows, self.kv_heads, self.head_dim,
-                             param.dtype, param.device)
+        if block_size < 1 or 64 % block_size:
+            raise ValueError(f"the KV block size must divide 64 (key buckets are multiples "
+                             f"of 64), got {block_size}")
+        self.block_size = block_size
+        # blocks 0: room for 4,096 tokens per row (tests and tools; the engine sizes its pool)
+        self.pool = BlockPool(len(self.layers), blocks or max_rows * blocks_for(4096, block_size),
+                              block_size, self.kv_heads, self.head_dim, param.dtype,
+                              param.device)
+        self.device = param.device
+        self.dtype = param.dtype
         self._qkv = [_fuse([ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj])
                      for ly in self.layers]
         self._gate_up = [_fuse([ly.mlp.gate_proj, ly.mlp.up_proj])[0] for ly in self.layers]
-        self._step = _StepPlan([], 0, None)
-        # packed prompts: (start in the pass, length, KV row, first position); a first
-        # position above 0 continues a prompt already partly in its row (chunked prefill)
-        self._spans: list[tuple[int, int, int, int]] = []
+        self._step = _StepPlan([], [])
+        self._spans: list[_Span] = []  # the prompts packed after the running rows
         self._lin = _plain  # the projections' function for the pass being run
         self._chunk_mask: torch.Tensor | None = None
-        # graphs.DecodeGraphs, set by the engine on CUDA: (tokens, positions, longest) -> logits
-        self.graphs: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+        # graphs.DecodeGraphs, set by the engine on CUDA:
+        # (tokens, positions, tables, longest) -> logits
+        self.graphs: Callable[[torch.Tensor, torch.Tensor, list[Table], int],
+                              torch.Tensor] | None = None
 
     def _attend(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 i: int) -> torch.Tensor:
@@ -145,17 +178,16 @@ class Decoder:
         qk = _rotate(qkv[:, :heads + kv], cos, sin)  # (1, heads+kv, L, d): q and k at once
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv:]
         outs = []
-        b = self._step.rows.shape[0]
-        if b:  # the running rows: write their new keys, attend over their KV rows
-            self.slots.k[i][self._step.rows, :, self._step.at] = k[0, :, :b].transpose(0, 1)
-            self.slots.v[i][self._step.rows, :, self._step.at] = v[0, :, :b].transpose(0, 1)
+        b = self._step.rows
+        if b:  # the running rows: write their new keys into their blocks, attend over them
+            at = (self._step.to_block, slice(None), self._step.to_slot)
+            self.pool.k[i][at] = k[0, :, :b].transpose(0, 1)  # (b, kv, d)
+            self.pool.v[i][at] = v[0, :, :b].transpose(0, 1)
             qd = q[0, :, :b].transpose(0, 1).unsqueeze(2)  # (b, heads, 1, d)
-            if not self.invariant:
-                od = self._attend_batch(qd, i)
-            elif self._step.groups is not None:
-                od = self._attend_groups(qd, i)
-            else:
+            if self._step.tables is not None:
                 od = self._attend_rows(qd, i)
+            else:
+                od = self._attend_groups(qd, i)
             outs.append(od.reshape(b, heads * d))
         if self._spans:
             outs.append(self._attend_prompts(q, k, v, i).transpose(1, 2)
@@ -166,19 +198,28 @@ class Decoder:
         gate, up = lin(self._gate_up[i], None, h).chunk(2, dim=-1)  # Qwen2/Llama MLP
         return x + lin(mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn(gate) * up)
 
+    def _gather(self, store: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Keys (or values) of the blocks `blocks` (g, m) as one contiguous tensor
+        (g, kv_heads, m * block size, head_dim): each row's positions in order."""
+        g, m = blocks.shape
+        x = store[blocks]  # (g, m, kv_heads, block, d)
+        return x.transpose(1, 2).reshape(g, self.kv_heads, m * self.block_size, self.head_dim)
+
     def _attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         i: int) -> torch.Tensor:
-        """Causal attention within each packed prompt, whose keys also go to its KV row. A
-        chunk of a longer prompt (first position > 0) also sees the row's earlier keys."""
+        """Causal attention within each packed prompt, whose keys also go to its blocks. A
+        chunk after earlier positions (offset > 0) attends over them too, from its blocks."""
         outs = []
         gqa = self.heads != self.kv_heads
-        for start, n, row, offset in self._spans:
-            qj, kj, vj = (t[:, :, start:start + n] for t in (q, k, v))
-            self.slots.k[i][row, :, offset:offset + n] = kj[0]
-            self.slots.v[i][row, :, offset:offset + n] = vj[0]
-            if offset:
-                keys = self.slots.k[i][row:row + 1, :, :offset + n].contiguous()
-                values = self.slots.v[i][row:row + 1, :, :offset + n].contiguous()
+        for sp in self._spans:
+            qj, kj, vj = (t[:, :, sp.start:sp.start + sp.n] for t in (q, k, v))
+            at = (sp.to_block, slice(None), sp.to_slot)
+            self.pool.k[i][at] = kj[0].transpose(0, 1)  # (n, kv, d)
+            self.pool.v[i][at] = vj[0].transpose(0, 1)
+            if sp.offset:
+                end = sp.offset + sp.n
+                keys = self._gather(self.pool.k[i], sp.blocks[None])[:, :, :end].contiguous()
+                values = self._gather(self.pool.v[i], sp.blocks[None])[:, :, :end].contiguous()
                 outs.append(F.scaled_dot_product_attention(
                     qj.contiguous(), keys, values, attn_mask=self._chunk_mask, scale=self.scale,
                     enable_gqa=gqa))
@@ -189,36 +230,35 @@ class Decoder:
                 qj, kj, vj, is_causal=True, scale=self.scale, enable_gqa=gqa))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    def _attend_batch(self, q: torch.Tensor, i: int) -> torch.Tensor:
-        """All rows in one call over the longest row's length, shorter rows masked. The query
-        heads that share a key head ride as that head's query positions, (b, kv, group, d):
-        one new token has no causal order among its heads, so every backend (masked, no GQA
-        support needed) runs it and no key is read more than once."""
-        b = q.shape[0]
-        t, mask = self._step.t, self._step.mask
-        keys = self.slots.k[i][:b, :, :t]  # rows are 0..b-1: compact by construction
-        values = self.slots.v[i][:b, :, :t]
-        grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-        o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask,
-                                           scale=self.scale)
-        return o.reshape(b, self.heads, 1, self.head_dim)
-
     def _attend_groups(self, q: torch.Tensor, i: int) -> torch.Tensor:
-        """Rows grouped by key bucket, one call per group over contiguous copies. A row's
-        result depends on its own keys and bucket only: on one thread the kernel works
-        through each (row, head) alike whatever the batch (checked bit for bit in the tests);
-        on several threads it splits the work by batch size, so `_attend_rows` is used."""
+        """Rows grouped by key bucket, one call per group over its rows' gathered blocks, so
+        a row reads about its own length, not the longest row's.
+
+        Batch-invariant mode: a row's result depends on its own keys and bucket only (on one
+        thread the kernel works through each (row, head) alike whatever the batch; checked
+        bit for bit in the tests; on several threads it splits the work by batch size, so
+        `_attend_rows` is used). Otherwise the query heads that share a key head ride as that
+        head's query positions, (g, kv, group, d): one new token has no causal order among
+        its heads, so every backend (masked, no GQA support needed) runs it and no key is
+        read more than once."""
         groups = self._step.groups
         gqa = self.heads != self.kv_heads
         out = None if len(groups) == 1 else torch.empty_like(q)
         for g in groups:
-            keys = self.slots.k[i][g.rows, :, :g.t]
-            values = self.slots.v[i][g.rows, :, :g.t]
-            if isinstance(g.rows, slice):
-                keys, values = keys.contiguous(), values.contiguous()
-            o = F.scaled_dot_product_attention(q[g.rows].contiguous(), keys, values,
-                                               attn_mask=g.mask, scale=self.scale,
-                                               enable_gqa=gqa)
+            keys = self._gather(self.pool.k[i], g.blocks)
+            values = self._gather(self.pool.v[i], g.blocks)
+            qg = q[g.rows]
+            n = qg.shape[0]
+            if self.invariant:
+                o = F.scaled_dot_product_attention(qg.contiguous(), keys, values,
+                                                   attn_mask=g.mask, scale=self.scale,
+                                                   enable_gqa=gqa)
+            else:
+                grouped = qg.reshape(n, self.kv_heads, self.heads // self.kv_heads,
+                                     self.head_dim)
+                o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=g.mask,
+                                                   scale=self.scale)
+                o = o.reshape(n, self.heads, 1, self.head_dim)
             if out is None:
                 return o
             out[g.rows] = o
@@ -227,11 +267,9 @@ class Decoder:
     def _attend_rows(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
         outs = []
-        for r, pos in enumerate(self._step.positions):
-            # contiguous copies: the kernel's blocking follows the strides, and the strides
-            # follow the pool's capacity, which depends on the other rows
-            keys = self.slots.k[i][r:r + 1, :, :pos + 1].contiguous()
-            values = self.slots.v[i][r:r + 1, :, :pos + 1].contiguous()
+        for r, (pos, blocks) in enumerate(zip(self._step.positions, self._step.tables)):
+            keys = self._gather(self.pool.k[i], blocks[None])[:, :, :pos + 1].contiguous()
+            values = self._gather(self.pool.v[i], blocks[None])[:, :, :pos + 1].contiguous()
             outs.append(F.scaled_dot_product_attention(
                 q[r:r + 1].contiguous(), keys, values, scale=self.scale,
                 enable_gqa=self.heads != self.kv_heads))
@@ -273,10 +311,16 @@ class Decoder:
         made once per pass and shared by every layer (a boolean mask would be converted in
         each attention call)."""
         beyond = torch.arange(t, device=positions.device)[None, :] > positions[:, None]
-        mask = torch.zeros(beyond.shape, dtype=self.slots.k[0].dtype, device=positions.device)
+        mask = torch.zeros(beyond.shape, dtype=self.dtype, device=positions.device)
         return mask.masked_fill_(beyond, float("-inf"))[:, None, None]
 
-    def _groups(self, listed: list[int], positions: torch.Tensor) -> list[_Group]:
+    def _padded(self, tables: list[Table], m: int) -> torch.Tensor:
+        """(rows, m) block ids: each table's first m blocks, the null block after its end."""
+        rows = [t[:m] + [NULL_BLOCK] * (m - min(m, len(t))) for t in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _groups(self, listed: list[int], tables: list[Table],
+                positions: torch.Tensor) -> list[_Group]:
         by_bucket: dict[int, list[int]] = {}
         for row, pos in enumerate(listed):
             by_bucket.setdefault(key_bucket(pos + 1), []).append(row)
@@ -286,35 +330,57 @@ class Decoder:
                 sel: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
             else:
                 sel = torch.tensor(rows, device=positions.device)
-            groups.append(_Group(t, sel, self._mask(positions[sel], t)))
+            blocks = self._padded([tables[r] for r in rows], t // self.block_size)
+            groups.append(_Group(t, sel, self._mask(positions[sel], t), blocks))
         return groups
 
-    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor,
+    def _where(self, table: Table, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, slot) of positions first .. first + n - 1 of a job with `table`."""
+        size = self.block_size
+        if len(table) * size < first + n:
+            raise ValueError(f"a block table of {len(table)} blocks holds "
+                             f"{len(table) * size} positions, not {first + n}")
+        pos = torch.arange(first, first + n)
+        ids = torch.tensor(table, dtype=torch.long)[pos // size]
+        return ids.to(self.device), (pos % size).to(self.device)
+
+    def _plan_rows(self, positions: torch.Tensor, tables: list[Table]) -> None:
+        """What every layer shares about the running rows, worked out once per pass (on a
+        GPU each .tolist() is a device sync): where new keys go, groups and masks."""
+        b = positions.shape[0]
+        if not b:
+            self._step = _StepPlan([], [])
+            return
+        listed = positions.tolist()
+        size = self.block_size
+        to_block = torch.tensor([t[p // size] for t, p in zip(tables, listed)],
+                                dtype=torch.long, device=self.device)
+        to_slot = positions % size
+        if self.invariant and torch.get_num_threads() != 1:
+            own = [torch.tensor(t[:blocks_for(p + 1, size)], dtype=torch.long,
+                                device=self.device) for t, p in zip(tables, listed)]
+            self._step = _StepPlan(listed, [], b, to_block, to_slot, own)
+            return
+        self._step = _StepPlan(listed, self._groups(listed, tables, positions), b, to_block,
+                               to_slot)
+
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, tables: list[Table],
                 prompts: list[tuple]) -> torch.Tensor:
         b = tokens.shape[0]
-        # (embeddings, row) or (embeddings, row, first position) for a chunk
+        # (embeddings, table) or (embeddings, table, first position) for a chunk
         prompts = [(p[0], p[1], p[2] if len(p) > 2 else 0) for p in prompts]
         lengths = [e.shape[0] for e, _, _ in prompts]
         offsets = [o for _, _, o in prompts]
         if (b or len(prompts) > 1) and prompts and not self.can_pack():
             raise ValueError("a shared pass is not batch-invariant on several threads")
-        device = self.slots.k[0].device
-        # What every layer shares, worked out once per pass (on a GPU each .tolist() or
-        # .max() is a device sync): row positions, key length, masks, groups.
-        listed = positions.tolist()
-        t = max(listed) + 1 if b else 0
-        mask = groups = None
-        if b and not self.invariant:
-            mask = self._mask(positions, t)
-        elif b and torch.get_num_threads() == 1:
-            groups = self._groups(listed, positions)
-            t = max(g.t for g in groups)
-        self.slots.reserve(max([t] + [o + n + 1 for n, o in zip(lengths, offsets)]))
-        self._step = _StepPlan(listed, t, mask, groups, torch.arange(b, device=device),
-                               positions)
+        self._plan_rows(positions, tables)
         starts = itertools.accumulate([b] + lengths[:-1])
-        self._spans = [(s, n, row, o) for s, n, (_, row, o) in zip(starts, lengths, prompts)]
-        # A chunk (first position o > 0) attends over its row's o earlier keys and its own n,
+        self._spans = []
+        for s, n, (_, table, o) in zip(starts, lengths, prompts):
+            blocks = (torch.tensor(table[:blocks_for(o + n, self.block_size)],
+                                   dtype=torch.long, device=self.device) if o else None)
+            self._spans.append(_Span(s, n, o, *self._where(table, o, n), blocks))
+        # A chunk (first position o > 0) attends over its o earlier keys and its own n,
         # causally: query j sees keys 0 .. o + j. An additive mask in the model's dtype, made
         # once for every layer (on CPU a boolean one costs twice the attention itself).
         self._chunk_mask = None
@@ -323,16 +389,17 @@ class Decoder:
             if len(prompts) > 1:
                 raise ValueError("a prompt chunk is prefilled in a pass of its own")
             n, o = chunk[0]
-            blocked = torch.ones(n, o + n, dtype=torch.bool, device=device).triu_(o + 1)
-            self._chunk_mask = torch.zeros(n, o + n, dtype=self.slots.k[0].dtype,
-                                           device=device).masked_fill_(blocked, float("-inf"))
+            blocked = torch.ones(n, o + n, dtype=torch.bool, device=self.device).triu_(o + 1)
+            self._chunk_mask = torch.zeros(n, o + n, dtype=self.dtype,
+                                           device=self.device).masked_fill_(blocked,
+                                                                            float("-inf"))
         # In batch-invariant mode rows that share a pass must get the bits they get alone:
         # the one-thread `_linear`. A long prompt alone on several threads is alone by
         # construction and takes plain products.
         self._lin = self._linear if self.invariant and (b or self.can_pack()) else _plain
         parts = ([self.body.embed_tokens(tokens)] if b else []) + [e for e, _, _ in prompts]
         x = (parts[0] if len(parts) == 1 else torch.cat(parts))[None]  # (1, L, hidden)
-        pos = torch.cat([positions] + [torch.arange(o, o + n, device=device)
+        pos = torch.cat([positions] + [torch.arange(o, o + n, device=self.device)
                                        for n, o in zip(lengths, offsets)])
         cos, sin = self.body.rotary_emb(x, pos[None])
         for i, layer in enumerate(self.layers):
@@ -340,16 +407,17 @@ class Decoder:
         return _norm(self.body.norm, x)[0]  # (L, hidden)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                prompts: list[tuple[torch.Tensor, int]] = ()) -> torch.Tensor:
-        """One pass: running rows 0..b-1 take one token each (`tokens` at `positions`, (b,)),
-        and prompts (embeddings (n_j, hidden), KV row) are prefilled beside them. Logits
-        (b + J, vocab): each running row's, then each prompt's last position.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tables: list[Table],
+                prompts: list[tuple[torch.Tensor, Table]] = ()) -> torch.Tensor:
+        """One pass: running rows 0..b-1 take one token each (`tokens` at `positions`, (b,),
+        keys into their `tables`), and prompts (embeddings (n_j, hidden), block table) are
+        prefilled beside them. Logits (b + J, vocab): each running row's, then each
+        prompt's last position.
 
         In batch-invariant mode every row and prompt gets exactly what it gets in a pass of
         its own (see `can_pack` for when they may share one)."""
         b = tokens.shape[0]
-        h = self._hidden(tokens, positions, list(prompts))
+        h = self._hidden(tokens, positions, tables, list(prompts))
         if prompts:
             ends = list(itertools.accumulate([b] + [p[0].shape[0] for p in prompts]))[1:]
             pick = torch.tensor(list(range(b)) + [e - 1 for e in ends], device=h.device)
@@ -358,47 +426,64 @@ class Decoder:
             return self._linear(self.lm.lm_head.weight, self.lm.lm_head.bias, h)
         return self.lm.lm_head(h)
 
-    def _none(self) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.slots.k[0].device
-        return (torch.empty(0, dtype=torch.long, device=device),) * 2
+    def reserve(self, tokens: int) -> Table:
+        """A block table for `tokens` positions from the pool (for tests and tools that drive
+        the decoder directly; the engine keeps its own accounting)."""
+        table = self.pool.allocate(blocks_for(tokens, self.block_size))
+        if table is None:
+            raise ValueError(f"the KV pool has {self.pool.available()} blocks free, "
+                             f"not the {blocks_for(tokens, self.block_size)} {tokens} "
+                             f"positions need")
+        return table
+
+    def _none(self) -> tuple[torch.Tensor, torch.Tensor, list[Table]]:
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        return empty, empty, []
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, row: int, all_logits: bool = False) -> torch.Tensor:
-        """Prompt embeddings (n, hidden) into row `row`; logits of the last position (vocab,)
-        or of every position (n, vocab)."""
+    def prefill(self, embeds: torch.Tensor, table: Table,
+                all_logits: bool = False) -> torch.Tensor:
+        """Prompt embeddings (n, hidden) into the blocks of `table`; logits of the last
+        position (vocab,) or of every position (n, vocab)."""
         if all_logits:
-            return self.lm.lm_head(self._hidden(*self._none(), [(embeds, row)]))
-        return self.forward(*self._none(), [(embeds, row)])[0]
+            return self.lm.lm_head(self._hidden(*self._none(), [(embeds, table)]))
+        return self.forward(*self._none(), [(embeds, table)])[0]
 
-    def prefill_many(self, prompts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        """Prompts (embeddings, KV row) in one pass: logits of each last position (J, vocab)."""
+    def prefill_many(self, prompts: list[tuple[torch.Tensor, Table]]) -> torch.Tensor:
+        """Prompts (embeddings, block table) in one pass: logits of each last position
+        (J, vocab)."""
         return self.forward(*self._none(), prompts)
 
-    def prefill_chunk(self, embeds: torch.Tensor, row: int, offset: int) -> torch.Tensor:
+    def prefill_chunk(self, embeds: torch.Tensor, table: Table, offset: int) -> torch.Tensor:
         """Positions offset .. offset + n - 1 of a prompt whose earlier positions are already
-        in row `row` (chunked prefill): logits of the chunk's last position (vocab,)."""
-        return self.forward(*self._none(), [(embeds, row, offset)])[0]
+        in its blocks (chunked prefill, or the rest after a prefix-cache hit): logits of the
+        chunk's last position (vocab,)."""
+        return self.forward(*self._none(), [(embeds, table, offset)])[0]
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, tables: list[Table],
                     longest: int | None = None) -> torch.Tensor:
-        """One token for each of rows 0..b-1 at `positions` (b,) -> logits (b, vocab).
-        `longest` is the largest position, when the caller knows it (saves a device sync)."""
+        """One token for each of rows 0..b-1 at `positions` (b,), its keys into the block of
+        `tables` that holds that position -> logits (b, vocab). `longest` is the largest
+        position, when the caller knows it (saves a device sync)."""
         if self.graphs is not None:
             if longest is None:
                 longest = int(positions.max())
-            return self.graphs(tokens, positions, longest)
-        return self.forward(tokens, positions)
+            return self.graphs(tokens, positions, tables, longest)
+        return self.forward(tokens, positions, tables)
 
     @torch.inference_mode()
     def static_decode(self, tokens: torch.Tensor, positions: torch.Tensor,
-                      t: int) -> torch.Tensor:
-        """A decode step over fixed shapes: rows 0..B-1, every row over `t` keys with its mask
-        made on the device. Nothing is read back to the host and no tensor is allocated by
-        shape from data, so the step can be captured once as a CUDA graph and replayed
-        (`DecodeGraphs`). The KV rows must already hold `t` positions."""
-        b = tokens.shape[0]
-        self._step = _StepPlan([], t, self._mask(positions, t), None,
-                               torch.arange(b, device=tokens.device), positions)
+                      blocks: torch.Tensor) -> torch.Tensor:
+        """A decode step over fixed shapes: rows 0..B-1 with block tables `blocks` (B, m),
+        every row over m * block size keys with its mask made on the device. Nothing is read
+        back to the host and no tensor is allocated by shape from data, so the step can be
+        captured once as a CUDA graph and replayed (`DecodeGraphs`)."""
+        b, m = blocks.shape
+        t = m * self.block_size
+        size = self.block_size
+        to_block = blocks.gather(1, (positions // size)[:, None])[:, 0]
+        group = _Group(t, slice(0, b), self._mask(positions, t), blocks)
+        self._step = _StepPlan([], [group], b, to_block, positions % size)
         self._spans = []
         self._lin = _plain
         x = self.body.embed_tokens(tokens)[None]  # (1, B, hidden)

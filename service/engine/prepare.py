@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -75,6 +75,8 @@ class Prepared:
     preprocess_ms: float
     ready_ns: int = 0  # wall clock when it joined the queue, for the trace
     constraint: object = None  # grammar.Constraint when the job has a response_format
+    hashes: list[bytes] = field(default_factory=list)  # of its full KV blocks (kv.py)
+    tail_media: list[str] = field(default_factory=list)  # media keys in its last partial block
 
 
 class Preparer:

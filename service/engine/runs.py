@@ -1,5 +1,6 @@
-"""What the engine thread keeps of each job it runs: the running job, a long prompt being
-prefilled a chunk at a time, and how any failure becomes the job's error."""
+"""What the engine thread keeps of each job it runs: a job queued for the batch, the running
+job, a long prompt being prefilled a chunk at a time, and how any failure becomes the job's
+error."""
 from __future__ import annotations
 
 import logging
@@ -35,17 +36,38 @@ class Running:
     t_first: float = 0.0
     first_ns: int = 0  # wall clock of the first token, for the trace
     finished: bool = field(default=False)
+    table: list[int] = field(default_factory=list)  # its KV blocks, in position order
+    tokens: list[int] = field(default_factory=list)  # ids at positions 0.. (prompt, reply)
+    hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    registered: int = 0  # leading full blocks named in the prefix index
+    cached_tokens: int = 0  # prompt positions whose keys came from the prefix cache
+    preemptions: int = 0  # times its blocks were taken back, to be computed again
+    started: bool = False  # its first token was taken
+
+
+@dataclass
+class Queued:
+    """A prepared job waiting for the batch, or a preempted one waiting to come back
+    (`resume`). At admission it gets its blocks: `cached` leading positions shared from the
+    prefix index, the rest new."""
+
+    stream: JobStream
+    prep: Prepared
+    t_submit: float
+    resume: Running | None = None
+    table: list[int] = field(default_factory=list)
+    cached: int = 0
 
 
 @dataclass
 class Chunked:
     """A long prompt being prefilled a step at a time: its vision features a slice of tiles
-    per step, then its prompt a chunk per step into the engine's spare KV row."""
+    per step, then its prompt a chunk per step into its blocks."""
 
     run: Running
-    vision: VisionSteps
+    vision: VisionSteps | None  # None when its media positions were cached
     embeds: torch.Tensor | None = None  # (prompt, hidden), once the vision is done
-    done: int = 0  # positions already in the KV row
+    done: int = 0  # positions already in its blocks (a prefix-cache hit's to start with)
     chunks: int = 0
     start_ns: int = 0
 
@@ -60,4 +82,4 @@ def as_engine_error(exc: BaseException) -> EngineError:
     return EngineError(f"internal error in the engine: {type(exc).__name__}")
 
 
-__all__ = ["Chunked", "Running", "as_engine_error"]
+__all__ = ["Chunked", "Queued", "Running", "as_engine_error"]

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from preprocess.errors import PreprocessError
+from service.engine.admission import Admitting, hash_prompt, pool_blocks
 from service.engine.decode import Decoding
 from service.engine.grammar import Grammars
 from service.engine.graphs import DecodeGraphs
@@ -21,17 +22,18 @@ from service.engine.job import (
     DeadlineExceeded,
     EngineError,
     Finished,
+    OutOfMemory,
     Trace,
     Unavailable,
     check_admission,
     timed,
 )
-from service.engine.llm import Decoder
+from service.engine.llm import Decoder, kv_bytes_per_token
 from service.engine.loader import LoadedModel
 from service.engine.prefill import Prefilling
-from service.engine.prepare import Prepared, Preparer
+from service.engine.prepare import Preparer
 from service.engine.processor_prompt import FRAME_LIMITS, make_style, resolve_style
-from service.engine.runs import Chunked, Running, as_engine_error
+from service.engine.runs import Chunked, Queued, Running, as_engine_error
 from service.engine.stream import JobStream, Outbox, Sink
 from service.engine.vision import VisionCache, VisionEncoder
 from service.runtime import trim_malloc
@@ -39,12 +41,10 @@ from service.runtime import trim_malloc
 __all__ = ["EngineSettings", "NativeEngine"]  # EngineSettings re-exported for callers
 
 log = logging.getLogger(__name__)
-_IDLE_RELEASE_S = 2.0  # idle this long, the engine gives grown KV rows back
-_LONG_PROMPT = 256  # tokens from which a prompt is prefilled alone, on every CPU thread
-_PACK_TOKENS = 2048  # positions of short prompts prefilled together in one pass
+_IDLE_RELEASE_S = 2.0  # idle this long, the engine gives the allocator's free pages back
 
 
-class NativeEngine(Prefilling, Decoding):
+class NativeEngine(Admitting, Prefilling, Decoding):
     """Eagle2 on transformers' modules with continuous batching in one engine thread."""
 
     def __init__(self, loaded: LoadedModel, settings: EngineSettings | None = None,
@@ -83,14 +83,22 @@ class NativeEngine(Prefilling, Decoding):
         invariant = settings.batch_invariant
         if invariant is None:
             invariant = loaded.device.type == "cpu"
-        # one row beyond the batch: where a chunked prefill builds its keys and values
-        self.decoder = Decoder(loaded.model.language_model, settings.max_running + 1, invariant)
-        self._spare_row = settings.max_running
+        lm = loaded.model.language_model
+        blocks = pool_blocks(settings, kv_bytes_per_token(lm), self.context_length,
+                             loaded.device)
+        self.decoder = Decoder(lm, settings.max_running, invariant, blocks,
+                               settings.kv_block_size)
+        self.pool = self.decoder.pool
+        self._held: dict[int, list[int]] = {}  # KV blocks by id(stream), released in _end
+        log.info("KV pool: %d blocks of %d tokens (%.0f MiB, %d tokens)", blocks,
+                 settings.kv_block_size, self.pool.nbytes() / 2**20,
+                 blocks * settings.kv_block_size)
         self.token_budget = settings.token_budget or TOKEN_BUDGETS.get(loaded.device.type,
                                                                        2048)
         self._chunking: Chunked | None = None
         if loaded.device.type == "cuda" and not invariant and settings.cuda_graphs:
-            self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running)
+            self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running,
+                                               max_keys=self.context_length)
         # Decode steps and short prompts of a small model on CPU are too short to share among
         # threads: waking the OpenMP team costs more than it saves (a 35-token prompt of the
         # tiny model: 1.2 ms on one thread, 2.8 ms on two). Vision and long prompts keep every
@@ -104,13 +112,14 @@ class NativeEngine(Prefilling, Decoding):
                                     settings.vision_batch, invariant)
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
         self._cv = threading.Condition()
-        self._waiting: deque[tuple[JobStream, Prepared, float]] = deque()
+        self._waiting: deque[Queued] = deque()
         self._running: list[Running] = []
         self._streams: dict[int, JobStream] = {}  # keyed by id(stream): ids may repeat
         self._in_flight = 0
         self._accepting = True
         self._stop = False
         self.steps = 0
+        self.preemptions = 0
         self._trimmed_at = -1  # `steps` when memory was last given back
         # A test hook: called as hook("prefill", prepared) and hook("step", rows) before the
         # model runs, so tests can inject faults (out of memory, hangs) on CPU.
@@ -151,12 +160,18 @@ class NativeEngine(Prefilling, Decoding):
         return EngineInfo(self.lm.name, self.lm.cfg.model_type, self.context_length,
                           self.lm.cfg.patch_tokens, self.lm.cfg.image_size,
                           self.lm.cfg.max_tiles, f"{dev.type} {str(self.lm.dtype)[6:]}",
-                          self.prompt_style, self.max_video_frames, self.default_video_frames)
+                          self.prompt_style, self.max_video_frames, self.default_video_frames,
+                          self.pool.block_size, self.pool.blocks)
 
     def stats(self) -> dict[str, int]:
+        kv = self.pool.counts()
         with self._cv:
             cache = self.vision_cache
-            return {"in_flight": self._in_flight, "waiting": len(self._waiting),
+            return {"kv_blocks_used": kv.used, "kv_blocks_cached": kv.cached,
+                    "kv_blocks_free": kv.free, "kv_blocks_evicted": kv.evicted,
+                    "prefix_prompt_tokens": kv.prompt_tokens, "prefix_hit_tokens": kv.hit_tokens,
+                    "kv_preemptions": self.preemptions,
+                    "in_flight": self._in_flight, "waiting": len(self._waiting),
                     "running": len(self._running), "steps": self.steps,
                     "prefilling": int(self._chunking is not None),
                     "vision_cache_hits": cache.hits if cache is not None else 0,
@@ -191,6 +206,12 @@ class NativeEngine(Prefilling, Decoding):
             if stream.job.expired():
                 raise DeadlineExceeded("the deadline passed while the request was queued")
             prepared = self.prepare(stream.job, stream.stages)
+            why = self._fits_ever(prepared)
+            if why:
+                raise OutOfMemory(why)
+            if self.settings.prefix_cache:
+                hash_prompt(prepared, stream.job.cache_namespace, self.pool.block_size,
+                            self.image_token_id, self.lm.cfg.patch_tokens)
             fmt = stream.job.sampling.response_format
             if fmt is not None:
                 with timed(stream.stages, "eagle.grammar", **{
@@ -205,7 +226,7 @@ class NativeEngine(Prefilling, Decoding):
             return
         prepared.ready_ns = time.time_ns()
         with self._cv:
-            self._waiting.append((stream, prepared, t_submit))
+            self._waiting.append(Queued(stream, prepared, t_submit))
             self._cv.notify()
 
     # the engine thread --------------------------------------------------------------------
@@ -254,27 +275,6 @@ class NativeEngine(Prefilling, Decoding):
     def _has_work(self) -> bool:
         return bool(self._waiting or self._running or self._chunking or self._stop)
 
-    def _admit(self) -> list[tuple[JobStream, Prepared, float]]:
-        """Pop waiting jobs that fit the batch-size cap and the token budget (lock held), in
-        order; a long prompt waits while another is being prefilled in chunks."""
-        out = []
-        holding = [c.run for c in (self._chunking,) if c is not None]
-        budget = sum(r.prep.job.sampling.max_new_tokens + len(r.prep.ids)
-                     for r in self._running + holding)
-        while (self._waiting and len(self._running) + len(holding) + len(out)
-               < self.settings.max_running):
-            stream, prep, t = self._waiting[0]
-            if self._long(prep) and (holding or any(self._long(p) for _, p, _ in out)):
-                break
-            need = len(prep.ids) + prep.job.sampling.max_new_tokens
-            if (self._running or holding or out) and \
-                    budget + need > self.settings.max_batch_tokens:
-                break
-            self._waiting.popleft()
-            budget += need
-            out.append((stream, prep, t))
-        return out
-
     def _threads(self, many: bool) -> None:
         if self._few_threads:
             torch.set_num_threads(self._cpu_threads if many else self._few_threads)
@@ -300,10 +300,8 @@ class NativeEngine(Prefilling, Decoding):
                 f"retry on another"))
 
     def _release_memory(self) -> None:
-        """Idle: give the KV rows' growth and the allocator's free pages back (once per idle
-        spell: the media threads' image buffers are freed too, and glibc keeps them)."""
-        if self.decoder.slots.capacity > self.decoder.slots.initial:
-            self.decoder.slots.reset()
+        """Idle: give the allocator's free pages back (once per idle spell: the media
+        threads' image buffers are freed too, and glibc keeps them)."""
         if self.steps != self._trimmed_at:
             self._trimmed_at = self.steps
             self._free_cached_memory()
@@ -330,14 +328,9 @@ class NativeEngine(Prefilling, Decoding):
         self._compact()
 
     def _compact(self) -> None:
-        """Remove finished rows, moving the last row into each gap so rows stay 0..B-1."""
-        gone = [i for i, r in enumerate(self._running) if r.finished]
-        for i in reversed(gone):
-            last = len(self._running) - 1
-            if i != last:
-                self.decoder.slots.move(last, i, self._running[last].length)
-                self._running[i] = self._running[last]
-            self._running.pop()
+        """Remove finished rows (their blocks went back when they ended)."""
+        if any(r.finished for r in self._running):
+            self._running = [r for r in self._running if not r.finished]
 
     def _drop_if_gone(self, stream: JobStream) -> bool:
         if stream.cancelled.is_set():
@@ -349,7 +342,8 @@ class NativeEngine(Prefilling, Decoding):
         return False
 
     def _end(self, stream: JobStream, outcome: object) -> None:
-        """The single place a job ends: exactly one final event, and its slot is released.
+        """The single place a job ends: exactly one final event, and its slot and KV blocks
+        are released.
 
         On the engine thread the final event joins the step's outbox (after the job's last
         deltas); from other threads it is delivered at once.
@@ -358,6 +352,9 @@ class NativeEngine(Prefilling, Decoding):
             if self._streams.pop(id(stream), None) is None:
                 return
             self._in_flight -= 1
+            held = self._held.pop(id(stream), None)
+            if held is not None:
+                self.pool.release(held)
         outbox = self._outbox if threading.current_thread() is self._thread else None
         if stream.stages is not None:
             stream.push(Trace(tuple(stream.stages)), outbox)

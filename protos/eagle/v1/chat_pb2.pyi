@@ -30,28 +30,32 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
 
 class ChatRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "generation", "vision")
+    __slots__ = ("request_id", "messages", "generation", "vision", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VISION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     generation: GenerationConfig
     vision: VisionConfig
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class StreamChatRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "generation", "vision")
+    __slots__ = ("request_id", "messages", "generation", "vision", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VISION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     generation: GenerationConfig
     vision: VisionConfig
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "parts")
@@ -230,20 +234,22 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., token_bytes: _Optional[bytes] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "vision_tokens", "image_tiles", "video_frames", "cached_tiles")
+    __slots__ = ("prompt_tokens", "completion_tokens", "vision_tokens", "image_tiles", "video_frames", "cached_tiles", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VISION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TILES_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     CACHED_TILES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     vision_tokens: int
     image_tiles: int
     video_frames: int
     cached_tiles: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., vision_tokens: _Optional[int] = ..., image_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ..., cached_tiles: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., vision_tokens: _Optional[int] = ..., image_tiles: _Optional[int] = ..., video_frames: _Optional[int] = ..., cached_tiles: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "preprocess_ms", "prefill_ms", "decode_ms")
@@ -262,7 +268,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_type", "context_length", "tokens_per_tile", "tile_size", "max_tiles_per_image", "max_video_frames", "max_images_per_request", "max_new_tokens", "device", "max_request_bytes", "server_version")
+    __slots__ = ("model_name", "model_type", "context_length", "tokens_per_tile", "tile_size", "max_tiles_per_image", "max_video_frames", "max_images_per_request", "max_new_tokens", "device", "max_request_bytes", "server_version", "kv_block_size", "kv_cache_blocks")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +281,8 @@ class GetModelInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_type: str
     context_length: int
@@ -287,4 +295,6 @@ class GetModelInfoResponse(_message.Message):
     device: str
     max_request_bytes: int
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., tile_size: _Optional[int] = ..., max_tiles_per_image: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., device: _Optional[str] = ..., max_request_bytes: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    kv_block_size: int
+    kv_cache_blocks: int
+    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., tile_size: _Optional[int] = ..., max_tiles_per_image: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., device: _Optional[str] = ..., max_request_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ...) -> None: ...
