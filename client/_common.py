@@ -327,7 +327,7 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
                   json_schema: Any = None, strict: bool = True, json_object: bool = False,
                   regex: str | None = None, choice: Sequence[str] | None = None,
                   lark: str | None = None, gbnf: str | None = None, logprobs: bool = False,
-                  top_logprobs: int = 0,
+                  top_logprobs: int = 0, cache_salt: str = "",
                   message: type[AnyChatRequest] = chat_pb2.ChatRequest) -> AnyChatRequest:
     """A ChatRequest (or, with `message`, a StreamChatRequest: the same fields): optional
     system, (user, assistant) history pairs, then the new user message with its images,
@@ -335,8 +335,10 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
 
     At most one response format: `json_schema` (a dict, JSON text, or a pydantic model
     class; `strict`: unsupported keywords are an error rather than ignored), `json_object`,
-    `regex`, `choice` (a list of strings), or a grammar (`lark` or `gbnf`)."""
-    req = message(request_id=request_id)
+    `regex`, `choice` (a list of strings), or a grammar (`lark` or `gbnf`). `cache_salt`
+    keeps the request's prompt prefix out of other salts' reach in the server's prefix
+    cache (see the .proto)."""
+    req = message(request_id=request_id, cache_salt=cache_salt)
     if system is not None:
         req.messages.add(role=chat_pb2.ROLE_SYSTEM).parts.add(text=system)
     for question, answer in history:

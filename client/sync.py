@@ -76,9 +76,9 @@ class EagleClient:
              affinity_key: str | None = None, **kwargs: Any) -> ChatResult:
         """One reply, whole. Takes the arguments of `build_request` (images, videos, system,
         history, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
-        max_tiles_per_image, max_video_frames, frame_timestamps, request_id, and a response
-        format: json_schema (with strict), json_object, regex, choice, lark or gbnf; logprobs,
-        top_logprobs). With a pydantic model as json_schema, `result.parsed` is an instance.
+        max_tiles_per_image, max_video_frames, frame_timestamps, request_id, cache_salt, and a
+        response format: json_schema (with strict), json_object, regex, choice, lark or gbnf;
+        logprobs, top_logprobs). With a pydantic model as json_schema, `result.parsed` is an instance.
         `affinity_key` (e.g. a conversation id) sends every call with the same key to the
         same healthy replica, where its images' features are cached."""
         req = build_request(text, **kwargs)

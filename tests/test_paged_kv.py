@@ -271,3 +271,69 @@ def test_model_info_reports_the_pool(cached):
     assert info.kv_block_size == 16 and info.kv_blocks == cached.pool.blocks
     assert cached.pool.nbytes() == (info.kv_blocks + 1) * 16 * cached.pool.bytes_per_token
     assert blocks_for(17, 16) == 2
+
+
+# over gRPC: the salt, a namespace per bearer token, the usage and model info ----------------
+@pytest.fixture(scope="module")
+def tenants(tiny):
+    from harness import RunningServer
+
+    engine = make_engine(tiny)
+    srv = RunningServer(engine, auth_token="tenant-one-token,tenant-two-token")
+    yield srv
+    srv.stop()
+    engine.drain(0)
+
+
+def test_each_bearer_token_and_each_salt_is_its_own_prefix_cache(tenants) -> None:
+    from client import EagleClient
+
+    prompt = " ".join(f"private{i}" for i in range(80))
+    one = EagleClient(tenants.target, token="tenant-one-token")
+    two = EagleClient(tenants.target, token="tenant-two-token")
+    with one, two:
+        first = one.chat(prompt, max_new_tokens=2)
+        other = two.chat(prompt, max_new_tokens=2)
+        salted = one.chat(prompt, max_new_tokens=2, cache_salt="session-9")
+        again = one.chat(prompt, max_new_tokens=2)
+        info = one.model_info()
+    assert first.usage.cached_prompt_tokens == 0
+    assert other.usage.cached_prompt_tokens == 0  # the same prompt under another token
+    assert salted.usage.cached_prompt_tokens == 0  # the same token, another salt
+    assert again.usage.cached_prompt_tokens == (first.usage.prompt_tokens - 1) // 16 * 16
+    assert info.kv_block_size == 16 and info.kv_cache_blocks > 0
+
+
+def test_a_cache_salt_over_the_limit_is_refused_with_its_field(tenants) -> None:
+    from client import EagleClient, EagleError
+
+    with EagleClient(tenants.target, token="tenant-one-token") as client:
+        with pytest.raises(EagleError) as err:
+            client.chat("hi", max_new_tokens=2, cache_salt="s" * 257)
+    assert err.value.code.name == "INVALID_ARGUMENT"
+    assert "cache_salt: 257 bytes, over the limit of 256" in err.value.details
+
+
+def test_metrics_report_the_pool_and_the_hit_rate(tiny) -> None:
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    engine = make_engine(tiny, kv_cache_mb=1)
+    metrics = Metrics()
+    metrics.bind_engine(engine)
+    job = _chat("m1", " ".join(f"metric{i}" for i in range(40)))
+    _final(engine.submit(job))
+    hit = _final(engine.submit(_chat("m2", job.messages[-1].parts[0].text))).usage
+    _settle(engine)
+    text = generate_latest(metrics.registry).decode()
+    blocks = engine.pool.blocks
+    cached = engine.stats()["kv_blocks_cached"]
+    assert cached > 0
+    assert "eagle_kv_blocks_used 0.0" in text
+    assert f"eagle_kv_blocks_cached {cached:.1f}" in text
+    assert f"eagle_kv_blocks_free {blocks - cached:.1f}" in text
+    assert f"eagle_prefix_cache_hit_tokens_total {hit.cached_prompt_tokens:.1f}" in text
+    assert f"eagle_prefix_cache_queried_tokens_total {2 * hit.prompt_tokens:.1f}" in text
+    assert "eagle_kv_preemptions_total 0.0" in text
+    engine.drain(0)
