@@ -17,6 +17,29 @@ from service.engine.video_workers import VideoDecoderPool
 CLIP = factory.video(None, seconds=2, fps=10)
 
 
+def _noop() -> None:
+    pass
+
+
+def test_a_fork_server_started_without_the_preload_costs_the_start_not_the_decode() -> None:
+    """Another pool (the grammar compilers) may start the fork server first; then the preload
+    does not apply and each worker imports torch itself. That start is waited for apart from
+    the decode's time limit, so a tight limit still passes a good file."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    first = ctx.Process(target=_noop)  # the fork server runs from here on, whoever asked
+    first.start()
+    first.join()
+    p = VideoDecoderPool(workers=1, timeout_s=0.5, memory_mb=1024)
+    try:
+        out = p.decode(CLIP, 4, label="video 1")
+        assert out.indices == [2, 7, 12, 16]
+        assert p.replaced == 0
+    finally:
+        p.close()
+
+
 @pytest.fixture(scope="module")
 def pool():
     p = VideoDecoderPool(workers=1, timeout_s=2.0, memory_mb=1024)
@@ -74,3 +97,4 @@ def test_the_callers_deadline_bounds_the_wait_and_the_decode(pool) -> None:
     finally:
         pool.decoder = frames.decode_video
     assert pool.decode(CLIP, 2, label="video 1").frames.shape[0] == 2
+

@@ -3,6 +3,7 @@ fresh process in place of one that hung or crashed. FFmpeg runs native code on h
 input; a hang there holds the GIL and a crash takes the process, so it must not be ours."""
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import queue
@@ -14,21 +15,24 @@ from multiprocessing.connection import Connection
 
 from preprocess import frames
 from preprocess.errors import MediaError
-from service.engine.job import DeadlineExceeded
+from service.engine.job import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
 
 
-def _child(conn: Connection, memory_mb: int) -> None:
-    """The worker loop: decode requests until the pipe closes. The memory limit is on data
-    (heap and anonymous mappings), not address space: torch, which resizes the frames, maps
-    3.4 GB of libraries that are shared and never written."""
+def _child(conn: Connection, memory_mb: int, decoder_module: str) -> None:
+    """The worker loop: say "ready" once the imports are done, then decode requests until the
+    pipe closes. The memory limit is on data (heap and anonymous mappings), not address
+    space: torch, which resizes the frames, maps 3.4 GB of libraries that are shared and
+    never written."""
     if memory_mb:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     import torch
 
     torch.set_num_threads(1)  # the decoder's threads already cover the cores: no torch pool
+    importlib.import_module(decoder_module)
+    conn.send(("ready", None))
     while True:
         try:
             fn, kwargs = conn.recv()
@@ -52,12 +56,23 @@ def _left(deadline: float | None) -> float | None:
 
 
 class _Worker:
-    def __init__(self, ctx, memory_mb: int) -> None:
+    def __init__(self, ctx, memory_mb: int, decoder_module: str) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child, args=(child, memory_mb), daemon=True,
-                                name="video-decoder")
+        self.proc = ctx.Process(target=_child, args=(child, memory_mb, decoder_module),
+                                daemon=True, name="video-decoder")
         self.proc.start()
         child.close()
+        self.ready = False
+
+    def wait_ready(self, wait: float | None) -> bool:
+        """Whether its imports are done (it says so once); raises EOFError when it died.
+        Without the fork server's preload (another pool started the fork server first, and
+        a preload only applies to a server not yet running) each worker imports torch itself:
+        a second or more, never counted against a decode's time limit."""
+        if not self.ready and self.conn.poll(wait):
+            self.conn.recv()
+            self.ready = True
+        return self.ready
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -69,6 +84,8 @@ class _Worker:
 class VideoDecoderPool:
     """`decode(source, num_frames, ...)` with the signature of preprocess.frames.decode_video,
     run in one of `workers` child processes."""
+
+    start_timeout_s = 120.0  # a worker's imports, on a loaded machine
 
     def __init__(self, workers: int = 2, timeout_s: float = 60.0, memory_mb: int = 4096,
                  decoder: Callable = frames.decode_video) -> None:
@@ -85,7 +102,7 @@ class VideoDecoderPool:
             self._idle.put(self._spawn())
 
     def _spawn(self) -> _Worker:
-        worker = _Worker(self._ctx, self.memory_mb)
+        worker = _Worker(self._ctx, self.memory_mb, frames.decode_video.__module__)
         with self._lock:
             self._all.append(worker)
         return worker
@@ -108,6 +125,19 @@ class VideoDecoderPool:
             raise DeadlineExceeded(f"{label}: the deadline passed while waiting for a video "
                                    f"decoder") from None
         try:
+            try:
+                started = worker.wait_ready(min(self.start_timeout_s,
+                                                _left(deadline) or self.start_timeout_s))
+            except (EOFError, OSError):
+                started = False
+            if not started:
+                code = worker.proc.exitcode
+                worker = self._replace(worker)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"{label}: the deadline passed while a video "
+                                           f"decoder started") from None
+                log.error("a video decoder process failed to start (exit %s)", code)
+                raise Unavailable(f"{label}: the video decoder could not start; retry") from None
             worker.conn.send((self.decoder, {"source": source, "num_frames": num_frames,
                                              **kwargs}))
             limit = min(self.timeout_s, _left(deadline) or self.timeout_s)
