@@ -109,8 +109,10 @@ class PoolCounts:
 
 
 class BlockPool:
-    """Keys and values per layer: (blocks + 1, kv_heads, block_size, head_dim), block 0 the
-    null block. Hands out blocks, counts references, and keeps the prefix index."""
+    """Keys and values per layer: (kv_heads, blocks + 1, block_size, head_dim), block 0 the
+    null block (heads first: a job's blocks gathered by index_select along dim 1 come out as
+    each head's positions in order, one copy). Hands out blocks, counts references, and
+    keeps the prefix index."""
 
     def __init__(self, layers: int, blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -119,7 +121,7 @@ class BlockPool:
                              f"of {block_size}")
         self.block_size = block_size
         self.blocks = blocks
-        shape = (blocks + 1, kv_heads, block_size, head_dim)
+        shape = (kv_heads, blocks + 1, block_size, head_dim)
         self.k = [_zeros(shape, dtype, device) for _ in range(layers)]
         self.v = [_zeros(shape, dtype, device) for _ in range(layers)]
         self.bytes_per_token = 2 * layers * kv_heads * head_dim * self.k[0].element_size()

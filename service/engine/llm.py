@@ -180,9 +180,9 @@ class Decoder:
         outs = []
         b = self._step.rows
         if b:  # the running rows: write their new keys into their blocks, attend over them
-            at = (self._step.to_block, slice(None), self._step.to_slot)
-            self.pool.k[i][at] = k[0, :, :b].transpose(0, 1)  # (b, kv, d)
-            self.pool.v[i][at] = v[0, :, :b].transpose(0, 1)
+            at = (slice(None), self._step.to_block, self._step.to_slot)
+            self.pool.k[i][at] = k[0, :, :b]  # (kv, b, d)
+            self.pool.v[i][at] = v[0, :, :b]
             qd = q[0, :, :b].transpose(0, 1).unsqueeze(2)  # (b, heads, 1, d)
             if self._step.tables is not None:
                 od = self._attend_rows(qd, i)
@@ -199,11 +199,12 @@ class Decoder:
         return x + lin(mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn(gate) * up)
 
     def _gather(self, store: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Keys (or values) of the blocks `blocks` (g, m) as one contiguous tensor
-        (g, kv_heads, m * block size, head_dim): each row's positions in order."""
+        """Keys (or values) of the blocks `blocks` (g, m), each row's positions in order:
+        (g, kv_heads, m * block size, head_dim), contiguous when g is 1 (index_select: on
+        a CPU five times faster than indexing with the table)."""
         g, m = blocks.shape
-        x = store[blocks]  # (g, m, kv_heads, block, d)
-        return x.transpose(1, 2).reshape(g, self.kv_heads, m * self.block_size, self.head_dim)
+        x = store.index_select(1, blocks.reshape(-1))  # (kv_heads, g * m, block, d)
+        return x.view(self.kv_heads, g, m * self.block_size, self.head_dim).transpose(0, 1)
 
     def _attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         i: int) -> torch.Tensor:
@@ -213,9 +214,9 @@ class Decoder:
         gqa = self.heads != self.kv_heads
         for sp in self._spans:
             qj, kj, vj = (t[:, :, sp.start:sp.start + sp.n] for t in (q, k, v))
-            at = (sp.to_block, slice(None), sp.to_slot)
-            self.pool.k[i][at] = kj[0].transpose(0, 1)  # (n, kv, d)
-            self.pool.v[i][at] = vj[0].transpose(0, 1)
+            at = (slice(None), sp.to_block, sp.to_slot)
+            self.pool.k[i][at] = kj[0]  # (kv, n, d)
+            self.pool.v[i][at] = vj[0]
             if sp.offset:
                 end = sp.offset + sp.n
                 keys = self._gather(self.pool.k[i], sp.blocks[None])[:, :, :end].contiguous()
@@ -249,7 +250,8 @@ class Decoder:
             values = self._gather(self.pool.v[i], g.blocks)
             qg = q[g.rows]
             n = qg.shape[0]
-            if self.invariant:
+            if self.invariant:  # contiguous: the kernel's blocking follows the strides
+                keys, values = keys.contiguous(), values.contiguous()
                 o = F.scaled_dot_product_attention(qg.contiguous(), keys, values,
                                                    attn_mask=g.mask, scale=self.scale,
                                                    enable_gqa=gqa)

@@ -8,6 +8,7 @@ never forge a turn or an image slot; vision slots become <img> + 256*tiles <IMG_
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -153,12 +154,26 @@ class PromptTokenizer:
                     + [self.img_end]
             elif seg.text:
                 backend = self._content if isinstance(seg, Content) else self._template
-                ids += backend.encode(seg.text, add_special_tokens=False).ids
+                if len(seg.text) < _CACHED_TEXT:
+                    ids += backend.encode(seg.text, add_special_tokens=False).ids
+                else:
+                    ids += _encoded(backend, seg.text)
         return ids
 
     def count_text(self, segments: list[Segment]) -> int:
         """Tokens that are not vision context: everything but the 256*tiles per slot."""
         return len(self.encode(segments, [0] * _count_images(segments), 0))
+
+
+# Long texts come back in request after request (a shared system prompt, a conversation's
+# history, few-shot examples): their ids are kept, so a prompt whose keys the prefix cache
+# holds is not tokenised at length again (twice per request: the budget counts it first).
+_CACHED_TEXT = 256  # characters from which a segment's ids are kept
+
+
+@functools.lru_cache(maxsize=64)  # at most 64 x 200K characters (max_text_chars)
+def _encoded(backend: Tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(backend.encode(text, add_special_tokens=False).ids)
 
 
 def _count_images(segments: list[Segment]) -> int:
