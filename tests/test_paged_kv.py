@@ -152,6 +152,38 @@ def test_a_multi_turn_history_reuses_the_first_turns_reply(cached, uncached):
     assert turn2.text == again.text
 
 
+def test_a_long_prompt_after_a_hit_needs_no_quadratic_mask_and_changes_no_token(tiny,
+                                                                               monkeypatch):
+    """Past _MASK_LIMIT a part prefilled after cached positions is attended in two pieces
+    (the cached keys, then causally its own) merged by log-sum-exp, instead of under an
+    (n, offset + n) mask: 4,700 new tokens after the system prompt's blocks here, in one
+    pass; and every chunk so, the limit at zero. Same greedy tokens as without the cache."""
+    from service.engine import llm
+
+    question = " ".join(f"clause{i} holds." for i in range(1000))  # ~4,700 tokens
+    plain = make_engine(tiny, prefix_cache=False, chunk_above=0)
+    hit = make_engine(tiny, chunk_above=0)
+    try:
+        want = _final(plain.submit(_chat("p", question, 12, system=SYSTEM)))
+        _final(hit.submit(_chat("warm", "What is rule 3?", system=SYSTEM)))
+        built = []
+        real = llm.Decoder._attend_after
+        monkeypatch.setattr(llm.Decoder, "_attend_after",
+                            lambda self, *a: built.append(a[3].n) or real(self, *a))
+        got = _final(hit.submit(_chat("h", question, 12, system=SYSTEM)))
+        assert got.usage.cached_prompt_tokens > 560
+        assert built and built[0] == got.usage.prompt_tokens - got.usage.cached_prompt_tokens
+        assert got.text == want.text
+        monkeypatch.setattr(llm, "_MASK_LIMIT", 0)  # the short parts too
+        built.clear()
+        short = _final(hit.submit(_chat("s", "And rule 7?", system=SYSTEM)))
+        assert built and short.usage.cached_prompt_tokens > 560
+        assert short.text == _final(plain.submit(_chat("ps", "And rule 7?", system=SYSTEM))).text
+    finally:
+        plain.drain(0)
+        hit.drain(0)
+
+
 def test_the_same_placeholders_with_another_image_do_not_hit(cached):
     a = factory.encode(factory.photo(640, 480, seed=31), "PNG")
     b = factory.encode(factory.photo(640, 480, seed=32), "PNG")  # same size: same tokens
