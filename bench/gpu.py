@@ -184,6 +184,24 @@ def batch_rate(engine: NativeEngine, batch: int, tokens: int) -> dict:
             "per_stream_decode_tokens_per_s": decode, "ttft_p50_ms": statistics.median(firsts) * 1000}
 
 
+def neighbour_rate(engine: NativeEngine, tok, batch: int, tokens: int,
+                   prompt_tokens: int) -> dict:
+    """`batch_rate` while one job with a `prompt_tokens`-token prompt decodes beside the batch:
+    with paged KV and attention over each row's own blocks, the short rows should not pay
+    for the long one's keys (under CUDA graphs a step still reads its longest row's length)."""
+    per_word = len(tok(" ".join(f"w{i}" for i in range(1000)))["input_ids"]) / 1000
+    text = " ".join(f"w{i}" for i in range(int(prompt_tokens / per_word)))
+    job = ChatJob("neighbour", (ChatMessage(Role.USER, (TextPart(text),)),),
+                  SamplingParams(max_new_tokens=3 * tokens, ignore_eos=True))
+    long = engine.submit(job)
+    for event in long:
+        if isinstance(event, Delta):
+            break  # prefilled: it decodes beside the batch from here
+    row = batch_rate(engine, batch, tokens)
+    long.cancel()  # a cancelled job sends no more events, so its size is counted here
+    return {**row, "neighbour_prompt_tokens": len(tok(text)["input_ids"])}
+
+
 def plain_generate(lm: LoadedModel, tokens: int) -> float:
     """transformers generate(), greedy, one stream, the same prompt length: tokens/s."""
     ids = torch.tensor([lm.tokenizer("Write a long story about a lighthouse keeper and a "
@@ -260,7 +278,7 @@ def main() -> None:
     engine = NativeEngine(lm, EngineSettings(max_running=max(batches), max_queue=max(batches),
                                              batch_invariant=False, vision_cache_tiles=0,
                                              media=MediaSettings(prompt_style="eagle2.5")),
-                          context_length=16384)
+                          context_length=32768 if device.type == "cuda" else 16384)
     if device.type != "cuda":  # the dry run takes the GPU's decode path, minus the capture,
         engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches), capture=False)
         engine.prepare.device = device  # and its JPEG tiling, on the CPU
@@ -300,6 +318,9 @@ def main() -> None:
             engine.decoder.graphs = None
             eager_rows.append(batch_rate(engine, b, args.tokens))
             engine.decoder.graphs = graphs
+    near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
+    neighbour = neighbour_rate(engine, lm.tokenizer, near, args.tokens,
+                               32_000 if device.type == "cuda" else 2_000)
     engine.drain(0)
     generate = plain_generate(lm, args.tokens)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -319,6 +340,7 @@ def main() -> None:
         "grpc_video_32_frames": grpc_video, "grpc_video_32_frames_nvdec": grpc_video_nvdec,
         "video_nvdec_decoder": nvdec, "batches": rows,
         "eager_batches": eager_rows, "generate_tokens_per_s": generate,
+        "neighbour": neighbour,
         "single_vs_generate": single / generate,
         "single_vs_bound": single / bound if bw else float("nan"),
         "batch64_vs_generate": (by_batch[64]["aggregate_tokens_per_s"] / generate
@@ -362,6 +384,11 @@ def main() -> None:
     print(f"plain transformers generate(), 1 stream: {generate:.0f} tok/s; engine single "
           f"stream {single:.0f} tok/s = {single / generate:.2f}x generate(), "
           f"{result['single_vs_bound']:.0%} of the bandwidth bound")
+    alone = by_batch[near]["per_stream_decode_tokens_per_s"]
+    print(f"batch {near} beside one {neighbour['neighbour_prompt_tokens']:,}-token "
+          f"neighbour: {neighbour['per_stream_decode_tokens_per_s']:.0f} tok/s per stream "
+          f"against {alone:.0f} without it "
+          f"({neighbour['per_stream_decode_tokens_per_s'] / alone:.2f}x)")
     if graphs is not None:
         print(f"the same engine without CUDA graphs: batch {eager_rows[0]['batch']} "
               f"{eager_rows[0]['per_stream_decode_tokens_per_s']:.0f} tok/s per stream; "
