@@ -39,6 +39,9 @@ class Settings:
     kv_cache_mb: int = 0
     kv_block_size: int = 16
     prefix_cache: bool = True
+    # decode attention: gather (SDPA over gathered blocks) or flex (FlexAttention over the
+    # pool with a paged block mask, compiled on CUDA); see README "Running on a GPU"
+    attention: str = "gather"
     preprocess_workers: int = 2
     max_concurrent_rpcs: int = 0  # 0: running + queued + 64 (health watches, model info)
     default_deadline_s: float = 600.0  # for calls that come without a deadline
@@ -147,6 +150,8 @@ class Settings:
             raise ValueError("--default-video-frames is above --max-video-frames")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("--default-max-new-tokens is above --max-new-tokens")
+        if self.attention not in ("gather", "flex"):
+            raise ValueError(f"--attention {self.attention!r}: use gather or flex")
         if self.kv_block_size < 1 or 64 % self.kv_block_size:
             raise ValueError(f"--kv-block-size {self.kv_block_size}: use 1, 2, 4, 8, 16, 32 "
                              f"or 64 (a divisor of the 64-key attention grain)")

@@ -41,12 +41,14 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "gpu-bench.log", "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
     tests_log = (tmp_path / "gpu-tests.log").read_text()
-    assert "7 skipped" in tests_log or "passed" in tests_log
+    assert "8 skipped" in tests_log or "passed" in tests_log
     bench_log = (tmp_path / "gpu-bench.log").read_text()
     for line in ("One 13-tile image in process:", "TTFT over gRPC: 4032x3024 JPEG",
                  "Eagle2-9B's towers (tiny shapes)",
                  "plain transformers generate()", "the same engine without CUDA graphs: batch 1",
                  "batch 4 beside one ",
+                 "flex attention (FlexAttention over the block tables, CUDA graphs off): "
+                 "batch 4 ",
                  "### Targets (H200, Eagle2-1B shapes): a CPU dry run"):
         assert line in bench_log, line
     assert run.stdout.strip().splitlines()[-1].startswith(
@@ -54,6 +56,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["neighbour"]["neighbour_prompt_tokens"] > 1500
     assert data["neighbour"]["per_stream_decode_tokens_per_s"] > 0
+    assert [r["batch"] for r in data["flex"]["batches"]] == [4]
+    assert data["flex"]["neighbour"]["per_stream_decode_tokens_per_s"] > 0
     assert data["grpc_image"]["ttft_ms"] > 0 and data["grpc_video_32_frames"]["ttft_ms"] > 0
     # the photo's TTFT both ways: tiled on the device (here the CPU device) and by the CPU path
     assert data["grpc_image_cpu_preprocessing"]["ttft_ms"] > 0

@@ -264,3 +264,45 @@ def test_jpeg_tiles_on_the_device_match_the_cpu_path(tiny) -> None:
         on_cpu = tiler.normalize(g.tiles[1:4].cpu() if isinstance(g.tiles, torch.Tensor)
                                  else g.tiles[1:4], "siglip")
         assert torch.allclose(pixels.cpu(), on_cpu, atol=1e-6)
+
+
+def test_flex_attention_decode_on_the_device_equals_gathered_attention(tiny_dir) -> None:
+    """`--attention flex` on the device (compiled on CUDA, its steps replayed from CUDA
+    graphs): 16 rows of 40 to 300 positions, two sharing a prefix block, decode the
+    gathered-SDPA decoder's greedy tokens in float32, logits within 1e-3."""
+    from service.engine.graphs import DecodeGraphs
+
+    lm = load_model(tiny_dir, device=DEVICE, dtype="float32").model.language_model
+    dev = lm.device
+    gen = torch.Generator().manual_seed(16)
+    lengths = [300 - 17 * r for r in range(16)]
+    ids = torch.randint(0, 600, (16, 300), generator=gen).to(dev)
+    ids[1, :16] = ids[0, :16]
+    runs = {}
+    for attention in ("gather", "flex"):
+        dec = Decoder(lm, 16, blocks=16 * 22, attention=attention)
+        dec.graphs = DecodeGraphs(dec, 16, capture=ON_CUDA, max_keys=1024)
+        shared = dec.reserve(16)
+        tables = [shared + dec.reserve(n - 16 + 12) if r < 2 else dec.reserve(n + 12)
+                  for r, n in enumerate(lengths)]
+        embed = lm.model.embed_tokens
+        with torch.inference_mode():
+            dec.prefill(embed(ids[0, :16]), shared)
+            for r, n in enumerate(lengths):
+                first = 16 if r < 2 else 0
+                if first:
+                    dec.prefill_chunk(embed(ids[r, first:n]), tables[r], first)
+                else:
+                    dec.prefill(embed(ids[r, :n]), tables[r])
+            tokens = torch.stack([ids[r, n - 1] for r, n in enumerate(lengths)])
+            positions = torch.tensor(lengths, device=dev)
+            steps = []
+            for _ in range(12):
+                logits = dec.decode_step(tokens, positions, tables, int(positions.max()))
+                steps.append(logits.float().cpu())
+                tokens, positions = logits.argmax(-1), positions + 1
+        runs[attention] = torch.stack(steps)
+        if ON_CUDA:
+            assert dec.graphs is not None and dec.graphs.replayed == 12
+    assert torch.equal(runs["flex"].argmax(-1), runs["gather"].argmax(-1))
+    assert (runs["flex"] - runs["gather"]).abs().max().item() < 1e-3

@@ -369,3 +369,67 @@ def test_metrics_report_the_pool_and_the_hit_rate(tiny) -> None:
     assert f"eagle_prefix_cache_queried_tokens_total {2 * hit.prompt_tokens:.1f}" in text
     assert "eagle_kv_preemptions_total 0.0" in text
     engine.drain(0)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_flex_attention_over_block_tables_decodes_as_gathered_attention(tiny, static) -> None:
+    """`--attention flex`: FlexAttention over the pool with each row's table as its block
+    mask gives the gathered-SDPA decoder's greedy tokens and, in float32, its logits within
+    1e-4; rows of 300, 40 and 17 positions, the last two sharing their first block (a prefix
+    hit), the static (CUDA-graph) step too. Flex is refused in batch-invariant mode."""
+    from service.engine.graphs import DecodeGraphs
+    from service.engine.llm import Decoder
+
+    lm = tiny.model.language_model
+    with pytest.raises(ValueError, match="--attention flex is not batch-invariant"):
+        Decoder(lm, 4, batch_invariant=True, attention="flex")
+    with pytest.raises(ValueError, match="--attention 'paged': use gather or flex"):
+        Decoder(lm, 4, attention="paged")
+    ids = torch.randint(0, 600, (300,), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for attention in ("gather", "flex"):
+        dec = Decoder(lm, 4, blocks=64, attention=attention)
+        if static:
+            dec.graphs = DecodeGraphs(dec, 4, capture=False, max_keys=1024)
+        embed = lm.model.embed_tokens
+        long = dec.reserve(300 + 12)
+        shared = dec.reserve(16)
+        tables = [long, shared + dec.reserve(24 + 12), shared + dec.reserve(1 + 12)]
+        with torch.inference_mode():
+            dec.prefill(embed(ids), long)
+            dec.prefill(embed(ids[:16]), shared)
+            for table, n in ((tables[1], 40), (tables[2], 17)):
+                dec.prefill_chunk(embed(ids[16:n]), table, 16)
+            tokens, positions = ids[[299, 39, 16]], torch.tensor([300, 40, 17])
+            steps = []
+            for _ in range(12):
+                logits = dec.decode_step(tokens, positions, tables, int(positions.max()))
+                steps.append(logits.float())
+                tokens, positions = logits.argmax(-1), positions + 1
+        runs[attention] = torch.stack(steps)
+    assert torch.equal(runs["flex"].argmax(-1), runs["gather"].argmax(-1))
+    assert (runs["flex"] - runs["gather"]).abs().max().item() < 1e-4
+
+
+def test_an_engine_with_flex_attention_serves_the_replies_of_gathered_attention(tiny):
+    """`attention="flex"` through the engine (the invariant mode's default turns off with
+    it): three concurrent chats, one with the shared system prompt twice (a prefix hit),
+    reply with the gathered-attention engine's text; blocks in use return to zero."""
+    engines = {a: make_engine(tiny, attention=a, batch_invariant=None if a == "flex" else
+                              False) for a in ("gather", "flex")}
+    try:
+        assert not engines["flex"].decoder.invariant
+        replies = {}
+        for name, engine in engines.items():
+            _final(engine.submit(_chat("warm", "What is rule 3?", system=SYSTEM)))
+            streams = [engine.submit(_chat(f"{name}{i}", q, 10, system=SYSTEM if i else "",
+                                           ignore_eos=True))
+                       for i, q in enumerate(("Say hi.", "What is rule 5?", "And rule 9?"))]
+            finals = [_final(s) for s in streams]
+            assert finals[1].usage.cached_prompt_tokens > 560
+            replies[name] = [f.text for f in finals]
+            assert engine.pool.counts().used == 0
+        assert replies["flex"] == replies["gather"]
+    finally:
+        for engine in engines.values():
+            engine.drain(0)

@@ -48,3 +48,12 @@ def test_the_server_exits_2_on_an_unknown_variable() -> None:
     assert proc.returncode == 2
     assert "unknown setting variable: EAGLE_MAX_RUNING (did you mean EAGLE_MAX_RUNNING?)" in \
         proc.stderr
+
+
+def test_the_attention_backend_is_a_setting_and_an_unknown_one_is_refused() -> None:
+    assert settings.load([]).attention == "gather"
+    assert settings.load(["--attention", "flex"]).attention == "flex"
+    assert settings.load([], env={"EAGLE_ATTENTION": "flex"}).attention == "flex"
+    with pytest.raises(ValueError) as info:
+        settings.load(["--attention", "flash"])
+    assert str(info.value) == "--attention 'flash': use gather or flex"

@@ -43,6 +43,10 @@ class EngineSettings:
     kv_cache_mb: int = 0
     kv_block_size: int = 16
     prefix_cache: bool = True
+    # decode attention over the block tables (llm.ATTENTION): "gather" (SDPA over each
+    # group's gathered blocks) or "flex" (FlexAttention over the pool in place; not
+    # batch-invariant, so it turns the invariant mode's default off)
+    attention: str = "gather"
     media: MediaSettings = MediaSettings()
     grammar: GrammarSettings = GrammarSettings()
 

@@ -15,6 +15,12 @@ speed and buys exact reproducibility under greedy decoding.
 
 One pass (`forward`) serves both phases: running rows with one new token each, and prompts
 packed after them. CUDA graphs of the decode step are `graphs.DecodeGraphs`.
+
+Decode attention has two backends (`ATTENTION`, the `--attention` setting): `gather` copies
+each group's blocks into a contiguous tensor and runs SDPA over it; `flex` runs PyTorch's
+FlexAttention over the pool itself, each row's block table given as the block mask's key
+blocks, so nothing is copied and a row's keys are read once, in place (compiled on CUDA;
+on a CPU it runs unfused, over the whole pool: for checking it, not for serving).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ _BLOCK = 8
 # many elements (64 MB in float32); beyond it, on CPU, `Decoder._attend_after`.
 _MASK_LIMIT = 1 << 24
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+ATTENTION = ("gather", "flex")  # decode attention backends; see the module's docstring
 Table = list[int]  # a job's KV blocks in position order
 
 
@@ -56,6 +63,7 @@ class _StepPlan:
     to_block: torch.Tensor | None = None  # (rows,) the block of each row's new token
     to_slot: torch.Tensor | None = None  # (rows,) its place in that block
     tables: list[torch.Tensor] | None = None  # each row's own blocks (row-by-row mode)
+    flex: object | None = None  # the FlexAttention BlockMask of the rows' tables (`flex`)
 
 
 @dataclass
@@ -132,7 +140,8 @@ class Decoder:
     """Runs a causal LM from transformers (Qwen2 layout) as prefill + batched decode steps."""
 
     def __init__(self, causal_lm: torch.nn.Module, max_rows: int,
-                 batch_invariant: bool = False, blocks: int = 0, block_size: int = 16) -> None:
+                 batch_invariant: bool = False, blocks: int = 0, block_size: int = 16,
+                 attention: str = "gather") -> None:
         self.lm = causal_lm
         self.invariant = batch_invariant
         self.body = causal_lm.model
@@ -157,6 +166,25 @@ class Decoder:
                               param.device)
         self.device = param.device
         self.dtype = param.dtype
+        if attention not in ATTENTION:
+            raise ValueError(f"--attention {attention!r}: use {' or '.join(ATTENTION)}")
+        if attention == "flex" and batch_invariant:
+            raise ValueError("--attention flex is not batch-invariant (its kernel splits the "
+                             "work by batch); use it with --batch-invariant false")
+        self.attention = attention
+        if attention == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+            self._flex_attention = (torch.compile(flex_attention)
+                                    if self.device.type == "cuda" else flex_attention)
+            # each row's logical index of every pool block, -1 where the block is not its
+            # own: what the mask reads for the keys of a row's last (partial) block
+            # and the block mask's key blocks per row: its table (full blocks), its last
+            # block; as wide as the pool, which a compiled kernel requires of the mask
+            width = self.pool.k[0].shape[1]
+            self._logical = torch.full((max_rows, width), -1, dtype=torch.int32,
+                                       device=self.device)
+            self._full_ids = torch.zeros_like(self._logical)
+            self._last_ids = torch.zeros_like(self._logical)
         self._qkv = [_fuse([ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj])
                      for ly in self.layers]
         self._gate_up = [_fuse([ly.mlp.gate_proj, ly.mlp.up_proj])[0] for ly in self.layers]
@@ -188,7 +216,9 @@ class Decoder:
             self.pool.k[i][at] = k[0, :, :b]  # (kv, b, d)
             self.pool.v[i][at] = v[0, :, :b]
             qd = q[0, :, :b].transpose(0, 1).unsqueeze(2)  # (b, heads, 1, d)
-            if self._step.tables is not None:
+            if self._step.flex is not None:
+                od = self._attend_flex(qd, i)
+            elif self._step.tables is not None:
                 od = self._attend_rows(qd, i)
             else:
                 od = self._attend_groups(qd, i)
@@ -298,6 +328,44 @@ class Decoder:
             out[g.rows] = o
         return out
 
+    def _attend_flex(self, q: torch.Tensor, i: int) -> torch.Tensor:
+        """FlexAttention of the rows' new tokens (b, heads, 1, d) over the pool of layer `i`
+        seen as one sequence of blocks x block size keys; the step's block mask lists each
+        row's own blocks, so the kernel visits those and no other."""
+        kv, d = self.kv_heads, self.head_dim
+        keys = self.pool.k[i].view(1, kv, -1, d)
+        values = self.pool.v[i].view(1, kv, -1, d)
+        return self._flex_attention(q.contiguous(), keys, values, block_mask=self._step.flex,
+                                    scale=self.scale, enable_gqa=self.heads != kv)
+
+    def _flex_mask(self, positions: torch.Tensor, blocks: torch.Tensor) -> object:
+        """The block mask of rows at `positions` (b,) with block tables `blocks` (b, m),
+        padded with the null block: every block before a row's last is full (no mask), the
+        last is partial, masked past the row's position. Device operations only (no sync),
+        so a CUDA graph can hold it."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        b, m = blocks.shape
+        size = self.block_size
+        logical = self._logical[:b]
+        logical.fill_(-1)
+        order = torch.arange(m, dtype=torch.int32, device=self.device).expand(b, m)
+        logical.scatter_(1, blocks, order)  # the null block's entry ends up at or past m
+        last = positions // size  # (b,) the logical block holding each row's new token
+        full, partial = self._full_ids[:b], self._last_ids[:b]
+        full[:, :m] = blocks
+        partial[:, 0] = blocks.gather(1, last[:, None])[:, 0]
+
+        def own_keys(row, head, q, key):
+            block = logical[row, key // size]
+            return (block >= 0) & (block * size + key % size <= positions[row])
+
+        return BlockMask.from_kv_blocks(
+            torch.ones(b, 1, 1, dtype=torch.int32, device=self.device),
+            partial[:, None, None], last.to(torch.int32)[:, None, None], full[:, None, None],
+            BLOCK_SIZE=(128, size), mask_mod=own_keys,
+            seq_lengths=(1, logical.shape[1] * size), compute_q_blocks=False)
+
     def _attend_rows(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
         outs = []
@@ -394,6 +462,11 @@ class Decoder:
             own = [torch.tensor(t[:blocks_for(p + 1, size)], dtype=torch.long,
                                 device=self.device) for t, p in zip(tables, listed)]
             self._step = _StepPlan(listed, [], b, to_block, to_slot, own)
+            return
+        if self.attention == "flex":
+            m = max(blocks_for(p + 1, size) for p in listed)
+            self._step = _StepPlan(listed, [], b, to_block, to_slot,
+                                   flex=self._flex_mask(positions, self._padded(tables, m)))
             return
         self._step = _StepPlan(listed, self._groups(listed, tables, positions), b, to_block,
                                to_slot)
@@ -518,8 +591,12 @@ class Decoder:
         t = m * self.block_size
         size = self.block_size
         to_block = blocks.gather(1, (positions // size)[:, None])[:, 0]
-        group = _Group(t, slice(0, b), self._mask(positions, t), blocks)
-        self._step = _StepPlan([], [group], b, to_block, positions % size)
+        if self.attention == "flex":
+            self._step = _StepPlan([], [], b, to_block, positions % size,
+                                   flex=self._flex_mask(positions, blocks))
+        else:
+            group = _Group(t, slice(0, b), self._mask(positions, t), blocks)
+            self._step = _StepPlan([], [group], b, to_block, positions % size)
         self._spans = []
         self._lin = _plain
         x = self.body.embed_tokens(tokens)[None]  # (1, B, hidden)

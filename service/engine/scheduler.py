@@ -82,12 +82,12 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="masks")
         invariant = settings.batch_invariant
         if invariant is None:
-            invariant = loaded.device.type == "cpu"
+            invariant = loaded.device.type == "cpu" and settings.attention != "flex"
         lm = loaded.model.language_model
         blocks = pool_blocks(settings, kv_bytes_per_token(lm), self.context_length,
                              loaded.device)
         self.decoder = Decoder(lm, settings.max_running, invariant, blocks,
-                               settings.kv_block_size)
+                               settings.kv_block_size, settings.attention)
         self.pool = self.decoder.pool
         self._held: dict[int, list[int]] = {}  # KV blocks by id(stream), released in _end
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB, %d tokens)", blocks,
