@@ -211,7 +211,7 @@ def test_blocks_in_use_return_to_zero_after_cancels_deadlines_and_errors(tiny):
     engine = make_engine(tiny)
     long = _chat("long", "count", 400, ignore_eos=True)
     streams = [engine.submit(long), engine.submit(_chat("short", "hi", 3))]
-    expired = _chat("late", "hello there", 400, ignore_eos=True)
+    expired = _chat("late", "hello there", 3000, ignore_eos=True)  # seconds of decode
     expired.deadline = time.monotonic() + 0.3
     streams.append(engine.submit(expired))
     time.sleep(0.2)

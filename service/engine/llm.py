@@ -62,7 +62,7 @@ class _StepPlan:
     rows: int = 0  # running rows in the pass (0..rows-1)
     to_block: torch.Tensor | None = None  # (rows,) the block of each row's new token
     to_slot: torch.Tensor | None = None  # (rows,) its place in that block
-    tables: list[torch.Tensor] | None = None  # each row's own blocks (row-by-row mode)
+    tables: list[torch.Tensor] | None = None  # each row's own key slots (row-by-row mode)
     flex: object | None = None  # the FlexAttention BlockMask of the rows' tables (`flex`)
 
 
@@ -369,12 +369,13 @@ class Decoder:
     def _attend_rows(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
         outs = []
-        for r, (pos, blocks) in enumerate(zip(self._step.positions, self._step.tables)):
-            keys = self._gather(self.pool.k[i], blocks[None])[:, :, :pos + 1].contiguous()
-            values = self._gather(self.pool.v[i], blocks[None])[:, :, :pos + 1].contiguous()
+        kv, d = self.kv_heads, self.head_dim
+        store_k, store_v = self.pool.k[i].view(kv, -1, d), self.pool.v[i].view(kv, -1, d)
+        gqa = self.heads != kv
+        for r, at in enumerate(self._step.tables):
             outs.append(F.scaled_dot_product_attention(
-                q[r:r + 1].contiguous(), keys, values, scale=self.scale,
-                enable_gqa=self.heads != self.kv_heads))
+                q[r:r + 1].contiguous(), store_k.index_select(1, at)[None],
+                store_v.index_select(1, at)[None], scale=self.scale, enable_gqa=gqa))
         return torch.cat(outs)
 
     @staticmethod
@@ -459,8 +460,12 @@ class Decoder:
                                 dtype=torch.long, device=self.device)
         to_slot = positions % size
         if self.invariant and torch.get_num_threads() != 1:
-            own = [torch.tensor(t[:blocks_for(p + 1, size)], dtype=torch.long,
-                                device=self.device) for t, p in zip(tables, listed)]
+            # each row's key positions in the pool's (kv_heads, blocks x size, d) view:
+            # one index_select per layer gives its keys contiguous, nothing sliced after
+            slots = torch.arange(size, device=self.device)
+            own = [(torch.tensor(t[:blocks_for(p + 1, size)], dtype=torch.long,
+                                 device=self.device)[:, None] * size + slots).view(-1)[:p + 1]
+                   for t, p in zip(tables, listed)]
             self._step = _StepPlan(listed, [], b, to_block, to_slot, own)
             return
         if self.attention == "flex":
