@@ -203,22 +203,28 @@ def neighbour_rate(engine: NativeEngine, tok, batch: int, tokens: int,
     return {**row, "neighbour_prompt_tokens": len(tok(text)["input_ids"])}
 
 
+def bench_engine(lm: LoadedModel, rows: int, **settings) -> NativeEngine:
+    """The engine the decode rows run on: fully batched, no vision cache, Eagle2.5's prompt;
+    in a CPU dry run the GPU's static decode steps run eagerly instead of from graphs."""
+    engine = NativeEngine(lm, EngineSettings(max_running=rows, max_queue=rows,
+                                             batch_invariant=False, vision_cache_tiles=0,
+                                             media=MediaSettings(prompt_style="eagle2.5"),
+                                             **settings),
+                          context_length=32768 if lm.device.type == "cuda" else 16384)
+    if lm.device.type != "cuda":
+        engine.decoder.graphs = DecodeGraphs(engine.decoder, rows, capture=False)
+    return engine
+
+
 def flex_rows(lm: LoadedModel, batches: list[int], near: int, tokens: int,
               neighbour_tokens: int) -> dict:
     """The batch rows and the neighbour row again with `--attention flex` (FlexAttention over
     the pool with each row's block table as its block mask, compiled on CUDA), in an engine
     of its own once the gathered-attention engine is gone; an error is recorded, not
     raised, so the rest of the benchmark still reports."""
-    device = lm.device
-    try:
-        engine = NativeEngine(lm, EngineSettings(
-            max_running=max(batches), max_queue=max(batches), batch_invariant=False,
-            vision_cache_tiles=0, attention="flex",
-            kv_cache_mb=0 if device.type == "cuda" else 1,  # unfused on a CPU: one context
-            media=MediaSettings(prompt_style="eagle2.5")),
-            context_length=32768 if device.type == "cuda" else 16384)
-        if device.type != "cuda":
-            engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches), capture=False)
+    try:  # unfused on a CPU: a pool of one context there
+        engine = bench_engine(lm, max(batches), attention="flex",
+                              kv_cache_mb=0 if lm.device.type == "cuda" else 1)
         list(engine.submit(text_job("warm", 8)))
         start = time.perf_counter()
         list(engine.submit(text_job("compile", 8)))
@@ -305,13 +311,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     # Eagle2-1B as the hub ships it today: the processor's prompt and resize (torch's kernel,
     # the one the device tiler runs; the worker's Pillow resize keeps JPEGs on the CPU)
-    engine = NativeEngine(lm, EngineSettings(max_running=max(batches), max_queue=max(batches),
-                                             batch_invariant=False, vision_cache_tiles=0,
-                                             media=MediaSettings(prompt_style="eagle2.5")),
-                          context_length=32768 if device.type == "cuda" else 16384)
-    if device.type != "cuda":  # the dry run takes the GPU's decode path, minus the capture,
-        engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches), capture=False)
-        engine.prepare.device = device  # and its JPEG tiling, on the CPU
+    engine = bench_engine(lm, max(batches))
+    if device.type != "cuda":  # the dry run takes the GPU's JPEG tiling, on the CPU
+        engine.prepare.device = device
     list(engine.submit(text_job("warm", 8)))
     photos = [factory.encode(factory.photo(4032, 3024, seed=i), "JPEG", quality=90)
               for i in range(4)]
@@ -349,16 +351,15 @@ def main() -> None:
             eager_rows.append(batch_rate(engine, b, args.tokens))
             engine.decoder.graphs = graphs
     near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
-    neighbour = neighbour_rate(engine, lm.tokenizer, near, args.tokens,
-                               32_000 if device.type == "cuda" else 2_000)
+    long_prompt = 32_000 if device.type == "cuda" else 2_000  # the neighbour's prompt tokens
+    neighbour = neighbour_rate(engine, lm.tokenizer, near, args.tokens, long_prompt)
     engine.drain(0)
     counts = (graphs.captured, graphs.replayed) if graphs is not None else None
     del engine, graphs  # the flex engine takes the pool's memory next
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    flex = flex_rows(lm, batches, near, args.tokens,
-                     32_000 if device.type == "cuda" else 2_000)
+    flex = flex_rows(lm, batches, near, args.tokens, long_prompt)
     generate = plain_generate(lm, args.tokens)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     mob = mob_tower(device, dtype, args.tiny)  # after the reading: not the 1B engine's peak

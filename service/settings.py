@@ -150,7 +150,7 @@ class Settings:
             raise ValueError("--default-video-frames is above --max-video-frames")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("--default-max-new-tokens is above --max-new-tokens")
-        if self.attention not in ("gather", "flex"):
+        if self.attention not in ("gather", "flex"):  # llm.ATTENTION, without torch here
             raise ValueError(f"--attention {self.attention!r}: use gather or flex")
         if self.kv_block_size < 1 or 64 % self.kv_block_size:
             raise ValueError(f"--kv-block-size {self.kv_block_size}: use 1, 2, 4, 8, 16, 32 "

@@ -170,16 +170,15 @@ class Decoder:
             raise ValueError(f"--attention {attention!r}: use {' or '.join(ATTENTION)}")
         if attention == "flex" and batch_invariant:
             raise ValueError("--attention flex is not batch-invariant (its kernel splits the "
-                             "work by batch); use it with --batch-invariant false")
+                             "work by batch); the engine turns that mode off for it")
         self.attention = attention
         if attention == "flex":
             from torch.nn.attention.flex_attention import flex_attention
             self._flex_attention = (torch.compile(flex_attention)
                                     if self.device.type == "cuda" else flex_attention)
-            # each row's logical index of every pool block, -1 where the block is not its
-            # own: what the mask reads for the keys of a row's last (partial) block
-            # and the block mask's key blocks per row: its table (full blocks), its last
-            # block; as wide as the pool, which a compiled kernel requires of the mask
+            # per row, as wide as the pool (a compiled kernel requires it of the mask): the
+            # logical index of every pool block (-1: not the row's; what the mask reads),
+            # and the block mask's key blocks, its table (full) and its last (partial)
             width = self.pool.k[0].shape[1]
             self._logical = torch.full((max_rows, width), -1, dtype=torch.int32,
                                        device=self.device)
