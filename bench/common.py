@@ -114,5 +114,8 @@ def stamp_tokens(streams: list) -> tuple[list[list[float]], list]:
     for r in readers:
         r.start()
     while not all(stamps):
+        ended = [i for i, r in enumerate(readers) if not r.is_alive() and not stamps[i]]
+        if ended:  # refused or failed before its first token: say so rather than wait forever
+            raise RuntimeError(f"stream {ended[0]} ended before its first token")
         time.sleep(0.01)
     return stamps, readers

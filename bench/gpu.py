@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,8 +191,7 @@ def neighbour_rate(engine: NativeEngine, tok, batch: int, tokens: int,
     """`batch_rate` while one job with a `prompt_tokens`-token prompt decodes beside the batch:
     with paged KV and attention over each row's own blocks, the short rows should not pay
     for the long one's keys (under CUDA graphs a step still reads its longest row's length)."""
-    per_word = len(tok(" ".join(f"w{i}" for i in range(1000)))["input_ids"]) / 1000
-    text = " ".join(f"w{i}" for i in range(int(prompt_tokens / per_word)))
+    text = long_text(tok, prompt_tokens)
     job = ChatJob("neighbour", (ChatMessage(Role.USER, (TextPart(text),)),),
                   SamplingParams(max_new_tokens=3 * tokens, ignore_eos=True))
     long = engine.submit(job)
@@ -268,8 +268,8 @@ def targets(r: dict) -> list[list[str]]:
          TARGETS["single_vs_generate"], ">=", "{:.1f}x"),
         ("batch-64 aggregate vs generate() 1 stream", r.get("batch64_vs_generate"),
          TARGETS["batch64_vs_generate"], ">=", "{:.1f}x"),
-        ("TTFT 12 MP JPEG over gRPC", r["grpc_image"]["ttft_ms"], TARGETS["ttft_image_ms"], "<=",
-         "{:.0f} ms"),
+        ("TTFT 12 MP JPEG over gRPC", r.get("grpc", {}).get("image", {}).get("ttft_ms"),
+         TARGETS["ttft_image_ms"], "<=", "{:.0f} ms"),
         ("CUDA graphs vs eager, batch 1", r.get("graphs_vs_eager_1"),
          TARGETS["graphs_vs_eager_1"], ">=", "{:.2f}x"),
     ]
@@ -284,17 +284,81 @@ def targets(r: dict) -> list[list[str]]:
     return rows
 
 
+class Sections:
+    """Each part of the run in a try of its own: a part that fails records its error and
+    traceback and the parts after it still run; gpu.json is rewritten after every part, so a
+    run stopped by its time limit keeps what it measured (the first GPU run must report)."""
+
+    def __init__(self, out: Path, result: dict) -> None:
+        self.out, self.result = out, result
+        out.mkdir(parents=True, exist_ok=True)
+        result.setdefault("errors", {})
+        result.setdefault("section_s", {})
+
+    def __call__(self, name: str, fn, default=None):
+        start = time.perf_counter()
+        print(f"[gpu.py] {name} ...", flush=True)
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - recorded and printed; the rest still runs
+            self.result["errors"][name] = f"{type(e).__name__}: {e}"[:800]
+            print(f"[gpu.py] {name} FAILED\n{traceback.format_exc(limit=8)}", flush=True)
+            value = default
+        self.result["section_s"][name] = round(time.perf_counter() - start, 2)
+        if value is not None:
+            self.result[name] = value
+        self.save()
+        return value
+
+    def save(self) -> None:
+        (self.out / "gpu.json").write_text(json.dumps(self.result, indent=2, default=str))
+
+
+def long_text(tok, tokens: int) -> str:
+    """Plain words that the tokenizer makes about `tokens` tokens of."""
+    per_word = len(tok(" ".join(f"w{i}" for i in range(1000)))["input_ids"]) / 1000
+    return " ".join(f"w{i}" for i in range(int(tokens / per_word)))
+
+
+def prefill_budget(lm: LoadedModel, budgets: list[int], prompt_tokens: int) -> list[dict]:
+    """kv_bench's stall-free prefill on this device: six streams' inter-token gaps alone and
+    while one `prompt_tokens`-token prompt is admitted, per token budget (0: one pass), with the
+    long prompt's time to first token: what --token-budget and a cost-based chunk size need."""
+    from bench.kv_bench import STREAMS, one_long_prompt
+
+    text = long_text(lm.tokenizer, prompt_tokens)
+    rows = []
+    for budget in budgets:
+        settings = {"token_budget": budget} if budget else {"chunk_above": 0}
+        engine = bench_engine(lm, STREAMS + 1, **settings)
+        try:
+            list(engine.submit(text_job("warm", 8)))
+            rows.append({"token_budget": budget, **one_long_prompt(engine, text)})
+        finally:
+            engine.drain(0)
+            del engine
+            gc.collect()
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="bench/gpu.sh OUT_DIR")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny model (a quick dry run)")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--budgets", default="", help="token budgets for the long-prompt rows "
+                   "(0: one pass; default 512,2048,8192,0 on CUDA, 256,0 on a CPU)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s (default: by device)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = p.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    result: dict = {"machine": machine()}
+    run = Sections(Path(args.out), result)
     if args.tiny:
         tokenizer, vocab_note = train_tokenizer(), "the tiny model's 668-token tokenizer"
         raw = tiny_config(len(tokenizer))
@@ -309,17 +373,86 @@ def main() -> None:
     model, cfg = random_model(raw, device, dtype)
     lm = LoadedModel(model, tokenizer, cfg, Path("eagle2-1b-random"), device, dtype)
     batches = [int(b) for b in args.batches.split(",")]
+    budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
+               else [512, 2048, 8192, 0] if on_cuda else [256, 0])
+    name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    llm_bytes = sum(p.numel() * p.element_size()
+                    for _, p in model.language_model.named_parameters())
+    bw = args.bandwidth or next((v for k, v in BANDWIDTH.items() if k in name), 0.0)
+    bound = bw / llm_bytes if bw else float("nan")
+    result.update({"device": name, "vocabulary": vocab_note, "llm_bytes": llm_bytes,
+                   "bandwidth": bw, "bound_tokens_per_s": bound})
     # Eagle2-1B as the hub ships it today: the processor's prompt and resize (torch's kernel,
     # the one the device tiler runs; the worker's Pillow resize keeps JPEGs on the CPU)
     engine = bench_engine(lm, max(batches))
-    if device.type != "cuda":  # the dry run takes the GPU's JPEG tiling, on the CPU
+    if not on_cuda:  # the dry run takes the GPU's JPEG tiling, on the CPU
         engine.prepare.device = device
-    list(engine.submit(text_job("warm", 8)))
+    run("warm_up_s", lambda: _timed(lambda: list(engine.submit(text_job("warm", 8)))))
     photos = [factory.encode(factory.photo(4032, 3024, seed=i), "JPEG", quality=90)
               for i in range(4)]
     clip = factory.video(None, seconds=20, fps=10, width=640, height=360, gop_seconds=2)
-    breakdown = image_breakdown(engine, photos[0])
-    fidelity = device_tile_fidelity(photos[0], device)
+    run("image_breakdown", lambda: image_breakdown(engine, photos[0]))
+    run("device_tiles_max_abs_diff_levels", lambda: device_tile_fidelity(photos[0], device))
+    run("grpc", lambda: grpc_rows(engine, batches, device, photos, clip))
+    graphs = engine.decoder.graphs  # CUDA graphs for decode (None if capture failed)
+
+    def decode_rows() -> dict:
+        rows, eager = [], []
+        for b in batches:
+            rows.append(batch_rate(engine, b, args.tokens))
+            if graphs is not None:
+                engine.decoder.graphs = None
+                try:
+                    eager.append(batch_rate(engine, b, args.tokens))
+                finally:
+                    engine.decoder.graphs = graphs
+        return {"batches": rows, "eager_batches": eager}
+
+    decode = run("decode", decode_rows, {"batches": [], "eager_batches": []})
+    rows, eager_rows = decode["batches"], decode["eager_batches"]
+    near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
+    long_prompt = 32_000 if on_cuda else 2_000  # the neighbour's prompt tokens
+    neighbour = run("neighbour", lambda: neighbour_rate(engine, lm.tokenizer, near,
+                                                         args.tokens, long_prompt))
+    engine.drain(0)
+    counts = (graphs.captured, graphs.replayed) if graphs is not None else None
+    result["graphs"] = ({"captured": counts[0], "replayed": counts[1]}
+                        if counts is not None else None)
+    engine = graphs = None  # the engines below take the pool's memory next
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
+    prefill = run("prefill_budget", lambda: prefill_budget(lm, budgets, 26_000 if on_cuda
+                                                           else 2_000), [])
+    flex = run("flex", lambda: flex_rows(lm, batches, near, args.tokens, long_prompt))
+    generate = run("generate_tokens_per_s", lambda: plain_generate(lm, args.tokens))
+    peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
+    result["peak_gpu_memory_bytes"] = peak
+    mob = run("mob_tower", lambda: mob_tower(device, dtype, args.tiny))  # after the peak
+    single = rows[0]["per_stream_decode_tokens_per_s"] if rows else float("nan")
+    by_batch = {r["batch"]: r for r in rows}
+    gen = generate or float("nan")
+    result.update({
+        "single_vs_generate": single / gen,
+        "single_vs_bound": single / bound if bw else float("nan"),
+        "batch64_vs_generate": (by_batch[64]["aggregate_tokens_per_s"] / gen
+                                if 64 in by_batch else None),
+        "graphs_vs_eager_1": (single / eager_rows[0]["per_stream_decode_tokens_per_s"]
+                              if eager_rows else None)})
+    run.save()
+    report(result, args, dtype, near, budgets, flex, prefill, mob, neighbour, counts)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def grpc_rows(engine: NativeEngine, batches: list[int], device: torch.device,
+              photos: list[bytes], clip: bytes) -> dict:
+    """TTFT over gRPC: the photos tiled on the device and on the CPU, 32 video frames decoded
+    on the CPU and with NVDEC asked for."""
     from client import Video
     from service.server import BackgroundServer
     from service.settings import Settings
@@ -329,127 +462,119 @@ def main() -> None:
         grpc_image = grpc_ttft(srv.target, [{"images": [ph]} for ph in photos])
         # the same photos with the JPEG decoded and tiled on the CPU (--device-decode false)
         device_tiling, engine.prepare.device = engine.prepare.device, None
-        grpc_image_cpu = grpc_ttft(srv.target, [{"images": [ph]} for ph in photos])
-        breakdown_cpu = image_breakdown(engine, photos[1])
-        engine.prepare.device = device_tiling
+        try:
+            grpc_image_cpu = grpc_ttft(srv.target, [{"images": [ph]} for ph in photos])
+            breakdown_cpu = image_breakdown(engine, photos[1])
+        finally:
+            engine.prepare.device = device_tiling
         grpc_video = grpc_ttft(srv.target, [{"videos": [Video(data=clip, num_frames=32)]}
                                             for _ in range(4)])  # no vision cache here
         # the same with the video decoded by NVDEC (--video-nvdec), or the CPU's reason why not
         media = engine.prepare.settings
         engine.prepare.settings = replace(media, video=replace(
             media.video, hwaccel="cuda" if device.type == "cuda" else "cuda:0"))
-        grpc_video_nvdec = grpc_ttft(srv.target, [{"videos": [Video(data=clip, num_frames=32)]}
-                                                  for _ in range(4)])
-        nvdec = decode_video(clip, 32, policy=engine.prepare.settings.video).decoder
-        engine.prepare.settings = media
-    rows, eager_rows = [], []
-    graphs = engine.decoder.graphs  # CUDA graphs for decode (None if capture failed)
-    for b in batches:
-        rows.append(batch_rate(engine, b, args.tokens))
-        if graphs is not None:
-            engine.decoder.graphs = None
-            eager_rows.append(batch_rate(engine, b, args.tokens))
-            engine.decoder.graphs = graphs
-    near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
-    long_prompt = 32_000 if device.type == "cuda" else 2_000  # the neighbour's prompt tokens
-    neighbour = neighbour_rate(engine, lm.tokenizer, near, args.tokens, long_prompt)
-    engine.drain(0)
-    counts = (graphs.captured, graphs.replayed) if graphs is not None else None
-    del engine, graphs  # the flex engine takes the pool's memory next
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    flex = flex_rows(lm, batches, near, args.tokens, long_prompt)
-    generate = plain_generate(lm, args.tokens)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    mob = mob_tower(device, dtype, args.tiny)  # after the reading: not the 1B engine's peak
-    llm_bytes = sum(p.numel() * p.element_size() for n, p in model.language_model.named_parameters())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    bw = args.bandwidth or next((v for k, v in BANDWIDTH.items() if k in name), 0.0)
-    bound = bw / llm_bytes if bw else float("nan")
-    single = rows[0]["per_stream_decode_tokens_per_s"]
+        try:
+            grpc_video_nvdec = grpc_ttft(srv.target, [{"videos": [Video(data=clip,
+                                                                         num_frames=32)]}
+                                                      for _ in range(4)])
+            nvdec = decode_video(clip, 32, policy=engine.prepare.settings.video).decoder
+        finally:
+            engine.prepare.settings = media
+    return {"image": grpc_image, "image_cpu_preprocessing": grpc_image_cpu,
+            "image_breakdown_cpu_preprocessing": breakdown_cpu,
+            "image_tiled_on": str(device_tiling) if device_tiling is not None else "cpu",
+            "video_32_frames": grpc_video, "video_32_frames_nvdec": grpc_video_nvdec,
+            "video_nvdec_decoder": nvdec}
+
+
+def report(result: dict, args, dtype, near: int, budgets: list[int], flex, prefill, mob,
+           neighbour, counts) -> None:
+    """The printed summary: every part that ran, and each failed part's error."""
+    nan = float("nan")
+    peak, bound = result["peak_gpu_memory_bytes"], result["bound_tokens_per_s"]
+    print(f"\nDevice: {result['device']}; LLM weights {result['llm_bytes'] / 1e9:.2f} GB in "
+          f"{str(dtype)[6:]}; {result['vocabulary']}; bandwidth bound {bound:.0f} tok/s; "
+          f"peak GPU memory {peak / 2**30:.1f} GiB\n")
+    for name, error in result["errors"].items():
+        print(f"FAILED {name}: {error}")
+    b = result.get("image_breakdown")
+    if b:
+        print(f"One 13-tile image in process: {b['wall_ms']:.0f} ms = media decode "
+              f"{b['media.decode']:.0f} + tiling {b['tiling']:.0f} (preprocess "
+              f"{b['preprocess']:.0f}) + queue {b['queue']:.0f} + vision {b['vision']:.0f} + "
+              f"prefill {b['prefill']:.0f} ms")
+    g = result.get("grpc")
+    if g:
+        c = g["image_breakdown_cpu_preprocessing"]
+        print(f"  the same with the JPEG tiled on the CPU: {c['wall_ms']:.0f} ms = media decode "
+              f"{c['media.decode']:.0f} + tiling {c['tiling']:.0f} + vision {c['vision']:.0f} "
+              f"+ prefill {c['prefill']:.0f} ms")
+        print(f"TTFT over gRPC: 4032x3024 JPEG {g['image']['ttft_ms']:.0f} ms with the JPEG "
+              f"tiled on {g['image_tiled_on']}, {g['image_cpu_preprocessing']['ttft_ms']:.0f} "
+              f"ms tiled on the CPU; 32 video frames {g['video_32_frames']['ttft_ms']:.0f} ms")
+        print(f"  32 video frames with NVDEC asked for: "
+              f"{g['video_32_frames_nvdec']['ttft_ms']:.0f} ms (decoded by: "
+              f"{g['video_nvdec_decoder']})")
+    if "device_tiles_max_abs_diff_levels" in result:
+        print(f"Tiles made on {args.device} (nvJPEG on CUDA, float resize in two rounded "
+              f"passes) vs the CPU's torch kernel (the Eagle2.5 processor's pixels): max |diff| "
+              f"{result['device_tiles_max_abs_diff_levels']} levels")
+    if mob:
+        print(f"Eagle2-9B's towers{' (tiny shapes)' if args.tiny else ''}, "
+              f"{mob['params'] / 1e9:.2f}B parameters, {mob['tiles']} tiles: both "
+              f"{mob['both_towers_ms']:.0f} ms, SigLIP alone {mob['siglip_ms']:.0f} ms\n")
+    rows = result.get("decode", {}).get("batches", [])
+    eager_rows = result.get("decode", {}).get("eager_batches", [])
+    generate = result.get("generate_tokens_per_s") or nan
     by_batch = {r["batch"]: r for r in rows}
-    result = {
-        "machine": machine(), "device": name, "vocabulary": vocab_note, "llm_bytes": llm_bytes,
-        "bandwidth": bw, "bound_tokens_per_s": bound, "image_breakdown": breakdown,
-        "grpc_image": grpc_image, "grpc_image_cpu_preprocessing": grpc_image_cpu,
-        "image_breakdown_cpu_preprocessing": breakdown_cpu,
-        "image_tiled_on": str(device_tiling) if device_tiling is not None else "cpu",
-        "grpc_video_32_frames": grpc_video, "grpc_video_32_frames_nvdec": grpc_video_nvdec,
-        "video_nvdec_decoder": nvdec, "batches": rows,
-        "eager_batches": eager_rows, "generate_tokens_per_s": generate,
-        "neighbour": neighbour, "flex": flex,
-        "single_vs_generate": single / generate,
-        "single_vs_bound": single / bound if bw else float("nan"),
-        "batch64_vs_generate": (by_batch[64]["aggregate_tokens_per_s"] / generate
-                                if 64 in by_batch else None),
-        "graphs_vs_eager_1": (single / eager_rows[0]["per_stream_decode_tokens_per_s"]
-                              if eager_rows else None),
-        "graphs": ({"captured": counts[0], "replayed": counts[1]}
-                   if counts is not None else None),
-        "peak_gpu_memory_bytes": peak, "mob_tower": mob,
-        "device_tiles_max_abs_diff_levels": fidelity}
-    print(f"Device: {name}; LLM weights {llm_bytes / 1e9:.2f} GB in {str(dtype)[6:]}; "
-          f"{vocab_note}; bandwidth bound {bound:.0f} tok/s; peak GPU memory "
-          f"{peak / 2**30:.1f} GiB\n")
-    b = breakdown
-    print(f"One 13-tile image in process: {b['wall_ms']:.0f} ms = media decode "
-          f"{b['media.decode']:.0f} + tiling {b['tiling']:.0f} (preprocess {b['preprocess']:.0f})"
-          f" + queue {b['queue']:.0f} + vision {b['vision']:.0f} + prefill {b['prefill']:.0f} ms")
-    c = breakdown_cpu
-    print(f"  the same with the JPEG tiled on the CPU: {c['wall_ms']:.0f} ms = media decode "
-          f"{c['media.decode']:.0f} + tiling {c['tiling']:.0f} + vision {c['vision']:.0f} + "
-          f"prefill {c['prefill']:.0f} ms")
-    print(f"TTFT over gRPC: 4032x3024 JPEG {grpc_image['ttft_ms']:.0f} ms with the JPEG tiled "
-          f"on {result['image_tiled_on']}, {grpc_image_cpu['ttft_ms']:.0f} ms tiled on the CPU; "
-          f"32 video frames {grpc_video['ttft_ms']:.0f} ms")
-    print(f"  32 video frames with NVDEC asked for: {grpc_video_nvdec['ttft_ms']:.0f} ms "
-          f"(decoded by: {nvdec})")
-    print(f"Tiles made on {device} (nvJPEG on CUDA, float resize in two rounded passes) vs "
-          f"the CPU's torch kernel (the Eagle2.5 processor's pixels): max |diff| "
-          f"{fidelity} levels")
-    print(f"Eagle2-9B's towers{' (tiny shapes)' if args.tiny else ''}, "
-          f"{mob['params'] / 1e9:.2f}B parameters, {mob['tiles']} tiles: both "
-          f"{mob['both_towers_ms']:.0f} ms, SigLIP alone {mob['siglip_ms']:.0f} ms\n")
     eager_by = {r["batch"]: r for r in eager_rows}
-    print(table("Decode", ["batch", "aggregate tok/s", "per-stream tok/s", "TTFT p50 ms",
-                           "vs generate() 1 stream", "eager per-stream tok/s"],
-                [[r["batch"], f"{r['aggregate_tokens_per_s']:.0f}",
-                  f"{r['per_stream_decode_tokens_per_s']:.0f}", f"{r['ttft_p50_ms']:.0f}",
-                  f"{r['aggregate_tokens_per_s'] / generate:.1f}x",
-                  f"{eager_by[r['batch']]['per_stream_decode_tokens_per_s']:.0f}"
-                  if r["batch"] in eager_by else "-"] for r in rows]))
-    print(f"plain transformers generate(), 1 stream: {generate:.0f} tok/s; engine single "
-          f"stream {single:.0f} tok/s = {single / generate:.2f}x generate(), "
-          f"{result['single_vs_bound']:.0%} of the bandwidth bound")
-    alone = by_batch[near]["per_stream_decode_tokens_per_s"]
-    print(f"batch {near} beside one {neighbour['neighbour_prompt_tokens']:,}-token "
-          f"neighbour: {neighbour['per_stream_decode_tokens_per_s']:.0f} tok/s per stream "
-          f"against {alone:.0f} without it "
-          f"({neighbour['per_stream_decode_tokens_per_s'] / alone:.2f}x)")
-    if "error" in flex:
+    if rows:
+        print(table("Decode", ["batch", "aggregate tok/s", "per-stream tok/s", "TTFT p50 ms",
+                               "vs generate() 1 stream", "eager per-stream tok/s"],
+                    [[r["batch"], f"{r['aggregate_tokens_per_s']:.0f}",
+                      f"{r['per_stream_decode_tokens_per_s']:.0f}", f"{r['ttft_p50_ms']:.0f}",
+                      f"{r['aggregate_tokens_per_s'] / generate:.1f}x",
+                      f"{eager_by[r['batch']]['per_stream_decode_tokens_per_s']:.0f}"
+                      if r["batch"] in eager_by else "-"] for r in rows]))
+        single = rows[0]["per_stream_decode_tokens_per_s"]
+        print(f"plain transformers generate(), 1 stream: {generate:.0f} tok/s; engine single "
+              f"stream {single:.0f} tok/s = {single / generate:.2f}x generate(), "
+              f"{result['single_vs_bound']:.0%} of the bandwidth bound")
+    if neighbour and near in by_batch:
+        alone = by_batch[near]["per_stream_decode_tokens_per_s"]
+        print(f"batch {near} beside one {neighbour['neighbour_prompt_tokens']:,}-token "
+              f"neighbour: {neighbour['per_stream_decode_tokens_per_s']:.0f} tok/s per stream "
+              f"against {alone:.0f} without it "
+              f"({neighbour['per_stream_decode_tokens_per_s'] / alone:.2f}x)")
+    if flex and "error" in flex:
         print(f"flex attention (FlexAttention over the block tables) failed: {flex['error']}")
-    else:
+    elif flex:
         cells = [f"batch {r['batch']} {r['per_stream_decode_tokens_per_s']:.0f} tok/s per "
                  f"stream ({r['per_stream_decode_tokens_per_s'] / by_batch[r['batch']]['per_stream_decode_tokens_per_s']:.2f}x gather)"
-                 for r in flex["batches"]]
+                 for r in flex["batches"] if r["batch"] in by_batch]
         beside = flex["neighbour"]["per_stream_decode_tokens_per_s"]
+        gathered = neighbour["per_stream_decode_tokens_per_s"] if neighbour else nan
         print(f"flex attention (FlexAttention over the block tables, CUDA graphs "
               f"{'on' if flex['graphs'] else 'off'}): {'; '.join(cells)}; batch {near} beside "
-              f"the neighbour {beside:.0f} tok/s per stream "
-              f"({beside / neighbour['per_stream_decode_tokens_per_s']:.2f}x gather)")
-    if counts is not None:
+              f"the neighbour {beside:.0f} tok/s per stream ({beside / gathered:.2f}x gather)")
+    if counts is not None and eager_rows:
         print(f"the same engine without CUDA graphs: batch {eager_rows[0]['batch']} "
               f"{eager_rows[0]['per_stream_decode_tokens_per_s']:.0f} tok/s per stream; "
               f"graphs captured: {counts[0]}, replayed: {counts[1]} (none on CPU: "
               f"the static steps run eagerly there)")
     print()
+    if prefill:
+        print(table(f"Long prompt beside running streams: six streams' inter-token gaps while "
+                    f"one {prefill[0]['prompt_tokens']:,}-token prompt is prefilled",
+                    ["token budget", "long prompt TTFT ms", "ITL alone p50 ms",
+                     "ITL during p50 ms", "p99 ms", "max ms", "p50 during / alone"],
+                    [[r["token_budget"] or "none (one pass)", f"{r['ttft_s'] * 1000:.0f}",
+                      f"{r['itl_alone_p50_ms']:.2f}", f"{r['itl_during_p50_ms']:.2f}",
+                      f"{r['itl_during_p99_ms']:.1f}", f"{r['itl_during_max_ms']:.1f}",
+                      f"{r['ratio_p50']:.2f}x"] for r in prefill]))
     title = "Targets (H200, Eagle2-1B shapes)" + (
-        "" if device.type == "cuda" else ": a CPU dry run, the figures say nothing")
+        "" if args.device.startswith("cuda") else ": a CPU dry run, the figures say nothing")
     print(table(title, ["target", "goal", "measured", ""], targets(result)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

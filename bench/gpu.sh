@@ -5,6 +5,8 @@
 # Steps: the kit (.whl/, when present) into a temporary site; `pytest -m gpu`; bench.gpu.
 # OUT_DIR gets gpu-tests.log, gpu-tests.xml, gpu-bench.log and gpu.json. Exit 0 only when
 # both steps pass. Extra arguments go to bench.gpu (e.g. --tokens 64 --batches 1,16).
+# GPU_TESTS_TIMEOUT and GPU_BENCH_TIMEOUT (seconds, 300 and 420) bound the two steps; the
+# benchmark rewrites gpu.json after each of its parts, so a run cut short keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
@@ -41,10 +43,10 @@ if [ $dry = 1 ]; then
 else
   bench=()
 fi
-timeout 300 "$py" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py \
+timeout "${GPU_TESTS_TIMEOUT:-300}" "$py" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py \
   --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 420 "$py" -m bench.gpu --out "$out" ${bench[@]+"${bench[@]}"} ${args[@]+"${args[@]}"} 2>&1 \
+timeout "${GPU_BENCH_TIMEOUT:-420}" "$py" -m bench.gpu --out "$out" ${bench[@]+"${bench[@]}"} ${args[@]+"${args[@]}"} 2>&1 \
   | tee "$out/gpu-bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu.sh: pytest -m gpu exit $tests_rc, benchmark exit $bench_rc, $(( $(date +%s) - start )) s; logs and gpu.json in $out"

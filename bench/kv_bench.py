@@ -37,13 +37,20 @@ def _job(rid: str, text: str, tokens: int) -> ChatJob:
 
 
 def _one(engine: NativeEngine, alone_s: float = 1.5) -> dict:
-    streams = [engine.submit(_job(f"s{i}", f"stream {i}", 20_000)) for i in range(STREAMS)]
+    return one_long_prompt(engine, LONG_TEXT, alone_s)
+
+
+def one_long_prompt(engine: NativeEngine, text: str, alone_s: float = 1.5) -> dict:
+    """Six streams' inter-token gaps alone and while a prompt of `text` is admitted, and that
+    prompt's time to first token (bench/gpu.py runs it on the GPU too)."""
+    tokens = min(20_000, engine.context_length - 64)  # they outlast the long prompt's prefill
+    streams = [engine.submit(_job(f"s{i}", f"stream {i}", tokens)) for i in range(STREAMS)]
     stamps, readers = stamp_tokens(streams)
     quiet = time.monotonic()
     time.sleep(alone_s)
     start = time.monotonic()
     first = None
-    for event in engine.submit(_job("long", LONG_TEXT, 2)):
+    for event in engine.submit(_job("long", text, 2)):
         if first is None and isinstance(event, Delta):
             first = time.monotonic()
         done = event

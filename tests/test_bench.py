@@ -58,19 +58,29 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert data["neighbour"]["per_stream_decode_tokens_per_s"] > 0
     assert [r["batch"] for r in data["flex"]["batches"]] == [4]
     assert data["flex"]["neighbour"]["per_stream_decode_tokens_per_s"] > 0
-    assert data["grpc_image"]["ttft_ms"] > 0 and data["grpc_video_32_frames"]["ttft_ms"] > 0
+    assert data["errors"] == {}  # every part ran; a failed part is recorded here instead
+    assert set(data["section_s"]) >= {"grpc", "decode", "neighbour", "prefill_budget", "flex",
+                                      "generate_tokens_per_s", "mob_tower"}
+    grpc = data["grpc"]
+    assert grpc["image"]["ttft_ms"] > 0 and grpc["video_32_frames"]["ttft_ms"] > 0
     # the photo's TTFT both ways: tiled on the device (here the CPU device) and by the CPU path
-    assert data["grpc_image_cpu_preprocessing"]["ttft_ms"] > 0
+    assert grpc["image_cpu_preprocessing"]["ttft_ms"] > 0
     assert data["device_tiles_max_abs_diff_levels"] == 0  # a CPU device: the same pixels
-    assert data["image_breakdown_cpu_preprocessing"]["media.decode"] > 0
+    assert grpc["image_breakdown_cpu_preprocessing"]["media.decode"] > 0
     assert data["image_breakdown"]["media.decode"] == 0  # decoded inside the device tiling
     assert "ms tiled on the CPU; 32 video frames" in bench_log
-    assert data["grpc_video_32_frames_nvdec"]["ttft_ms"] > 0
-    assert data["video_nvdec_decoder"].startswith("cpu (cuda:0 decoding unavailable: ")
+    assert grpc["video_32_frames_nvdec"]["ttft_ms"] > 0
+    assert grpc["video_nvdec_decoder"].startswith("cpu (cuda:0 decoding unavailable: ")
     assert data["image_breakdown"]["vision"] > 0 and data["image_breakdown"]["tiling"] > 0
-    assert [b["batch"] for b in data["batches"]] == [b["batch"] for b in
-                                                     data["eager_batches"]] == [1, 4]
-    assert all(b["aggregate_tokens_per_s"] > 0 for b in data["batches"])
+    decode = data["decode"]
+    assert [b["batch"] for b in decode["batches"]] == [b["batch"] for b in
+                                                       decode["eager_batches"]] == [1, 4]
+    assert all(b["aggregate_tokens_per_s"] > 0 for b in decode["batches"])
+    # the long prompt beside six streams, per token budget (256 and one pass in the dry run)
+    assert [r["token_budget"] for r in data["prefill_budget"]] == [256, 0]
+    assert all(r["prompt_tokens"] > 1500 and r["itl_during_p50_ms"] > 0
+               for r in data["prefill_budget"])
+    assert "### Long prompt beside running streams: six streams' inter-token gaps" in bench_log
     assert data["generate_tokens_per_s"] > 0
     # the dry run decodes through the static steps a GPU captures as CUDA graphs
     assert data["graphs"] == {"captured": 0, "replayed": 0}
