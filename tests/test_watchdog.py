@@ -39,3 +39,34 @@ def test_a_step_over_its_limit_fails_calls_with_unavailable_and_flips_health(tin
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert srv.app.failed.is_set()  # serve() turns this into exit code 3
         engine.fault_hook = None
+
+
+def test_an_engine_thread_that_dies_fails_held_calls_and_refuses_new_ones(tiny) -> None:
+    """An error outside a step's own handling (here in admission) ends the engine thread: the
+    call it held fails at once with UNAVAILABLE and the engine is wedged (the supervisor
+    restarts it), instead of the call waiting on a thread that is gone."""
+    from service.engine.job import (
+        ChatJob,
+        ChatMessage,
+        Role,
+        SamplingParams,
+        TextPart,
+        Unavailable,
+    )
+
+    engine = make_engine(tiny)
+
+    def broken():
+        raise RuntimeError("admission broke")
+
+    engine._admit = broken
+    job = ChatJob("dies", (ChatMessage(Role.USER, (TextPart("hi"),)),),
+                  SamplingParams(max_new_tokens=4))
+    start = time.monotonic()
+    with pytest.raises(Unavailable, match="^the engine stopped after an internal error; this "
+                                          "replica is restarting, retry on another$"):
+        list(engine.submit(job))
+    assert time.monotonic() - start < 5
+    assert engine.wedged
+    with pytest.raises(Unavailable):
+        engine.submit(job)

@@ -88,6 +88,8 @@ def pick_device(requested: str = "auto", dtype: str = "auto") -> tuple[torch.dev
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ModelLoadError(f"--device {requested}: this machine has "
                                  f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        if device.index is None:  # `cuda` names the current device: made explicit, since
+            device = torch.device("cuda", torch.cuda.current_device())  # that is per thread
     if dtype == "auto":
         return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if dtype not in DTYPES:

@@ -127,7 +127,12 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         self._outbox = Outbox()  # engine-thread events, delivered once per loop iteration
         self.wedged = False
         self._busy_since: float | None = None
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # the current CUDA device is per thread: the engine thread selects the model's, and a
+        # bare `cuda` means the device current where the engine is built
+        self._cuda_index = ((loaded.device.index if loaded.device.index is not None
+                             else torch.cuda.current_device())
+                            if loaded.device.type == "cuda" else None)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog",
                                           daemon=True)
@@ -230,10 +235,22 @@ class NativeEngine(Admitting, Prefilling, Decoding):
             self._cv.notify()
 
     # the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        """The engine thread: the loop, and if the loop itself ever dies (an error outside a
+        step's own handling), every held call fails at once as on a wedged device, and the
+        engine refuses new ones, rather than leaving callers waiting on a dead thread."""
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the engine thread stopped")
+            self._wedge(0, "the engine stopped after an internal error; this replica is "
+                           "restarting, retry on another")
+            self._outbox.flush()  # this thread's ends are held in its outbox until flushed
+
     @torch.inference_mode()
     def _loop(self) -> None:
-        if self.lm.device.type == "cuda":  # the current device is per thread: `cuda:N`
-            torch.cuda.set_device(self.lm.device)
+        if self._cuda_index is not None:
+            torch.cuda.set_device(self._cuda_index)
         while True:
             with self._cv:
                 idle = not self._has_work()
@@ -288,16 +305,17 @@ class NativeEngine(Admitting, Prefilling, Decoding):
             if since is not None and time.monotonic() - since > limit:
                 self._wedge(limit)
 
-    def _wedge(self, limit: float) -> None:
-        log.error("an engine step has run for over %.1f s: the device is wedged", limit)
+    def _wedge(self, limit: float, message: str = "") -> None:
+        if not message:
+            log.error("an engine step has run for over %.1f s: the device is wedged", limit)
+            message = (f"the model has been stuck for over {limit:g} s; this replica is "
+                       f"restarting, retry on another")
         with self._cv:
             self.wedged = True
             self._accepting = False
             streams = list(self._streams.values())
         for stream in streams:
-            self._end(stream, Unavailable(
-                f"the model has been stuck for over {limit:g} s; this replica is restarting, "
-                f"retry on another"))
+            self._end(stream, Unavailable(message))
 
     def _release_memory(self) -> None:
         """Idle: give the allocator's free pages back (once per idle spell: the media
