@@ -316,8 +316,14 @@ class Sections:
 
 def long_text(tok, tokens: int) -> str:
     """Plain words that the tokenizer makes about `tokens` tokens of."""
-    per_word = len(tok(" ".join(f"w{i}" for i in range(1000)))["input_ids"]) / 1000
-    return " ".join(f"w{i}" for i in range(int(tokens / per_word)))
+    words = tokens
+    for _ in range(6):  # longer numbers take more tokens: measured on the text itself
+        text = " ".join(f"w{i}" for i in range(words))
+        got = len(tok(text)["input_ids"])
+        if abs(got - tokens) <= tokens // 100:
+            break
+        words = max(1, int(words * tokens / got))
+    return text
 
 
 def prefill_budget(lm: LoadedModel, budgets: list[int], prompt_tokens: int) -> list[dict]:
@@ -411,7 +417,7 @@ def main() -> None:
     decode = run("decode", decode_rows, {"batches": [], "eager_batches": []})
     rows, eager_rows = decode["batches"], decode["eager_batches"]
     near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
-    long_prompt = 32_000 if on_cuda else 2_000  # the neighbour's prompt tokens
+    long_prompt = 31_000 if on_cuda else 2_000  # the neighbour's prompt tokens (+ 3 replies < 32K)
     neighbour = run("neighbour", lambda: neighbour_rate(engine, lm.tokenizer, near,
                                                          args.tokens, long_prompt))
     engine.drain(0)

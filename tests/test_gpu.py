@@ -164,6 +164,7 @@ def test_a_real_out_of_memory_fails_only_the_job_that_ran_out(on_device) -> None
     running beside it finishes, and the next request succeeds."""
     engine = NativeEngine(on_device, EngineSettings(max_running=4))
     long_text = TextPart(" ".join(f"word{i}" for i in range(1800)))  # ~12k tokens
+    other_text = TextPart(" ".join(f"term{i}" for i in range(1800)))
     big = ChatJob("big", (ChatMessage(Role.USER, (long_text,)),),
                   SamplingParams(max_new_tokens=4))
     try:
@@ -183,7 +184,10 @@ def test_a_real_out_of_memory_fails_only_the_job_that_ran_out(on_device) -> None
         events = iter(beside)
         assert isinstance(next(events), Delta)  # running when the big one arrives
         with pytest.raises(OutOfMemory, match="ran out of memory for this request"):
-            list(engine.submit(ChatJob("big2", big.messages, big.sampling)))
+            # other words of the same length: the first's blocks in the prefix cache must
+            # not spare this one its prefill
+            list(engine.submit(ChatJob("big2", (ChatMessage(Role.USER, (other_text,)),),
+                                       big.sampling)))
         assert isinstance(list(events)[-1], Finished)
         assert final(engine, job("after", tokens=8)).usage.completion_tokens == 8
     finally:

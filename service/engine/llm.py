@@ -334,8 +334,16 @@ class Decoder:
         kv, d = self.kv_heads, self.head_dim
         keys = self.pool.k[i].view(1, kv, -1, d)
         values = self.pool.v[i].view(1, kv, -1, d)
-        return self._flex_attention(q.contiguous(), keys, values, block_mask=self._step.flex,
-                                    scale=self.scale, enable_gqa=self.heads != kv)
+        # the query heads that share a key head go in as that head's queries (b, kv, group, d),
+        # all at the row's position: every key block is read once per key head, and the
+        # kernel is the decoding one whatever the group (Eagle2-1B's 7 is not a power of two,
+        # which sends grouped heads to the prefill kernel, whose tiles a 16-token block
+        # cannot hold: found on the first H200 run)
+        n = q.shape[0]
+        grouped = q.contiguous().view(n, kv, self.heads // kv, d)
+        out = self._flex_attention(grouped, keys, values, block_mask=self._step.flex,
+                                   scale=self.scale)
+        return out.reshape(n, self.heads, 1, d)
 
     def _flex_mask(self, positions: torch.Tensor, blocks: torch.Tensor) -> object:
         """The block mask of rows at `positions` (b,) with block tables `blocks` (b, m),
@@ -363,7 +371,8 @@ class Decoder:
             torch.ones(b, 1, 1, dtype=torch.int32, device=self.device),
             partial[:, None, None], last.to(torch.int32)[:, None, None], full[:, None, None],
             BLOCK_SIZE=(128, size), mask_mod=own_keys,
-            seq_lengths=(1, logical.shape[1] * size), compute_q_blocks=False)
+            seq_lengths=(self.heads // self.kv_heads, logical.shape[1] * size),
+            compute_q_blocks=False)
 
     def _attend_rows(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Row by row over each row's own length: what a row sees never depends on others."""
