@@ -168,7 +168,9 @@ def test_a_real_out_of_memory_fails_only_the_job_that_ran_out(on_device) -> None
     big = ChatJob("big", (ChatMessage(Role.USER, (long_text,)),),
                   SamplingParams(max_new_tokens=4))
     try:
-        final(engine, job("warm", tokens=4))
+        # as long as the job beside will run: its decode steps' graphs are captured before the
+        # cap, so under it only the long prompt needs new memory
+        final(engine, job("warm", tokens=400))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_reserved()
@@ -188,6 +190,10 @@ def test_a_real_out_of_memory_fails_only_the_job_that_ran_out(on_device) -> None
             # not spare this one its prefill
             list(engine.submit(ChatJob("big2", (ChatMessage(Role.USER, (other_text,)),),
                                        big.sampling)))
+        # the cap lifted once the long prompt has failed: the job beside it must not have been
+        # failed with it, and under the cap its own next graph bucket may not fit (the second
+        # H200 run: the lone row beside, its decode step out of memory after the prompt's)
+        torch.cuda.set_per_process_memory_fraction(1.0, on_device.device)
         assert isinstance(list(events)[-1], Finished)
         assert final(engine, job("after", tokens=8)).usage.completion_tokens == 8
     finally:

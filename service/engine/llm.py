@@ -176,6 +176,13 @@ class Decoder:
             from torch.nn.attention.flex_attention import flex_attention
             self._flex_attention = (torch.compile(flex_attention)
                                     if self.device.type == "cuda" else flex_attention)
+            # The compiled kernel's key tile must divide a pool block. The decoding kernel
+            # shrinks its tile to the block; the general one, which torch picks once the batch
+            # size is symbolic (a second batch size recompiles with a dynamic batch), keeps 64
+            # or 128 keys on torch 2.11 and refuses a 16-token block (seen on an H200):
+            # pinned to the block here for both.
+            self._flex_options = ({"BLOCK_N": self.pool.block_size}
+                                  if self.device.type == "cuda" else None)
             # per row, as wide as the pool (a compiled kernel requires it of the mask): the
             # logical index of every pool block (-1: not the row's; what the mask reads),
             # and the block mask's key blocks, its table (full) and its last (partial)
@@ -342,7 +349,7 @@ class Decoder:
         n = q.shape[0]
         grouped = q.contiguous().view(n, kv, self.heads // kv, d)
         out = self._flex_attention(grouped, keys, values, block_mask=self._step.flex,
-                                   scale=self.scale)
+                                   scale=self.scale, kernel_options=self._flex_options)
         return out.reshape(n, self.heads, 1, d)
 
     def _flex_mask(self, positions: torch.Tensor, blocks: torch.Tensor) -> object:
