@@ -13,14 +13,23 @@ from service.runtime import limit_malloc_arenas
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        s = settings_mod.load(argv)
+        loaded = settings_mod.load_all(argv)
     except ValueError as exc:
         print(f"eagle-serve: {exc}", file=sys.stderr)
         return 2
+    s = loaded.settings
+    if loaded.print_config:
+        sys.stdout.write(settings_mod.to_toml(s))
+        return 0
     logs.setup(s.log_format, s.log_level)
     limit_malloc_arenas()  # before the gRPC and media threads start
     log = logging.getLogger("service")
-    log.info("settings", extra={"settings": s.describe()})
+    if loaded.ignored_variables:
+        log.info("ignored %d Kubernetes service-link variable(s): %s (set "
+                 "enableServiceLinks: false in the pod spec to stop them)",
+                 len(loaded.ignored_variables), ", ".join(loaded.ignored_variables))
+    log.info("settings", extra={"settings": s.describe(),
+                                "config_file": loaded.config_file or None})
     from service.engine.job import ModelLoadError
     from service.engine_process import EngineProcess, build_engine
     from service.server import serve
