@@ -46,6 +46,7 @@ from service.engine.job import (
     ChatJob,
     Delta,
     EngineError,
+    Finished,
     InvalidRequest,
     ModelLoadError,
     Unavailable,
@@ -292,6 +293,14 @@ class EngineProcess:
             if item is None:
                 with self._lock:
                     self._streams.pop(key, None)
+                stream.close(outbox)
+            elif isinstance(item, (Finished, BaseException)):
+                # the final event: the job stops counting in flight before its caller sees
+                # it, as in the engine itself (else a caller's next submit, made as soon as
+                # this one ended, could be refused as over capacity by a job already over)
+                with self._lock:
+                    self._streams.pop(key, None)
+                stream.push(item, outbox)
                 stream.close(outbox)
             elif isinstance(item, str):
                 stream.push(Delta(item), outbox)

@@ -13,6 +13,7 @@ import pytest
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 from test_process import _wait_serving, long_request, serve
 
+from preprocess.errors import MediaError
 from service.engine.job import (
     Cancelled,
     ChatJob,
@@ -81,6 +82,18 @@ def test_same_tokens_usage_and_errors_as_the_engine_in_process(child, engine) ->
     assert type(there) is type(here)
     assert (str(there), there.field) == (str(here), here.field)
     assert "image" in str(there)
+
+
+def test_a_job_has_left_the_count_when_its_caller_sees_it_end(child) -> None:
+    """A caller that submits as soon as its last job ended (with an answer or an error) is
+    admitted: the job stops counting in flight before its final event arrives, as in the
+    engine itself (the child's end-of-stream marker may come in a later batch)."""
+    bad = _job("bad", image=b"\x89PNG\r\n\x1a\nnot really")
+    for i in range(30):
+        _, last = _run(child, bad if i % 2 else _job(f"ok{i}", tokens=2))
+        assert not isinstance(last, Overloaded), (i, str(last))
+        assert isinstance(last, Finished if i % 2 == 0 else MediaError), (i, last)
+    assert child.stats()["in_flight"] == 0
 
 
 def test_over_capacity_is_refused_in_the_server_process_and_cancel_reaches_the_child(
