@@ -19,7 +19,7 @@ BENCH_OUT ?= bench/results
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 2000
 
-.PHONY: help install protos proto-baseline serve demo test lint bench gpu-kit tiny-model fuzz soak clean
+.PHONY: help install protos proto-baseline serve demo test lint bench gpu-kit tiny-model fuzz soak docs clean
 
 help:
 	@echo "install     install the project with the server and dev extras"
@@ -35,6 +35,7 @@ help:
 	@echo "tiny-model  write the embedded random-weight model to its cache folder"
 	@echo "fuzz        atheris on the image and video decoders, FUZZ_SECONDS each"
 	@echo "soak        mixed load with cancels, deadlines, poison and a restart; a ledger"
+	@echo "docs        regenerate docs/settings.md from the settings' definition"
 
 install:
 	$(PYTHON) -m pip install --upgrade pip
@@ -85,6 +86,9 @@ fuzz:
 
 soak:
 	$(PYTHON) -m bench.soak --requests $(SOAK_REQUESTS) --out $(BENCH_OUT)
+
+docs:
+	$(PYTHON) -m service.settings --markdown > docs/settings.md
 
 clean:
 	rm -rf $(DEMO_DIR) $(BENCH_OUT) build *.egg-info fuzz/corpus

@@ -1,8 +1,8 @@
 """Constrained decoding with llguidance: response formats compiled to matchers (cached by
 format), token masks for the constrained rows of a batch step, and token bytes for logprobs.
 
-Why llguidance (measured on the bench machine with Qwen2's 151,643-token vocabulary, see the
-README): its masks take microseconds per row, far below a decode step; a grammar compiles in
+Why llguidance (measured on the bench machine with Qwen2's 151,643-token vocabulary, see
+docs/performance.md): its masks take microseconds per row, far below a decode step; a grammar compiles in
 milliseconds because its lexer is built lazily; parser limits bound the work a hostile schema
 can cause; it takes JSON Schema, regex and Lark (GBNF through its converter); and it is one
 small wheel with no Python dependencies.

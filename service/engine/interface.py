@@ -54,7 +54,7 @@ class EngineSettings:
 # Per-iteration token budgets by device type, measured with `make bench` (kv section). On
 # this project's 2-core CPU, 256 gave the best time to first token of a 26K-token prompt
 # (2.57 s; 2.78 s with the old 4096-token chunks) while cutting the running streams' median
-# inter-token latency during it from 363 to 22 ms (README). CUDA's is the usual
+# inter-token latency during it from 363 to 22 ms (docs/performance.md). CUDA's is the usual
 # Sarathi-Serve figure; on an H200 (bench/gpu.sh, 2026-12-04, Eagle2-1B shapes) it prefilled a
 # 26K-token prompt in 0.98 s against 3.6 s at 512, with the streams beside it stalled alike
 # (15-17x their gap alone) at both: kept.
