@@ -417,7 +417,9 @@ def main() -> None:
     decode = run("decode", decode_rows, {"batches": [], "eager_batches": []})
     rows, eager_rows = decode["batches"], decode["eager_batches"]
     near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
-    long_prompt = 31_000 if on_cuda else 2_000  # the neighbour's prompt tokens (+ 3 replies < 32K)
+    # the neighbour's prompt tokens: with its reply (3 x --tokens) inside the 32K context on
+    # CUDA, and inside the dry run's one-context (2,048-token) flex pool on a CPU
+    long_prompt = 31_000 if on_cuda else 1_900
     neighbour = run("neighbour", lambda: neighbour_rate(engine, lm.tokenizer, near,
                                                          args.tokens, long_prompt))
     engine.drain(0)
