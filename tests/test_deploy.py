@@ -4,49 +4,36 @@ from __future__ import annotations
 
 import re
 
+import k8s
 import pytest
 import tomllib
-import yaml
 from conftest import ROOT
 
 from service import settings as settings_mod
 from service.server import LIVENESS, SERVICE
 from service.settings import Settings
 
-K8S = ROOT / "deploy" / "kubernetes"
 HEALTH_NAMES = {"", SERVICE, LIVENESS}  # what the server's health service answers for
 SETTING_NAMES = settings_mod.variable_names()
-
-
-def docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+docs = k8s.manifests
+literal_env = k8s.literal_env
 
 
 @pytest.fixture(scope="module")
 def deployment() -> dict:
-    [d] = docs("deployment.yaml")
+    d = k8s.deployment()
     assert d["kind"] == "Deployment"
     return d
 
 
 @pytest.fixture(scope="module")
 def container(deployment) -> dict:
-    [c] = deployment["spec"]["template"]["spec"]["containers"]
-    return c
-
-
-def literal_env(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    return k8s.container(deployment)
 
 
 def manifest_settings(container: dict, tmp_path) -> Settings:
-    """The server's settings from the manifest's variables, the mounted token file made."""
-    env = literal_env(container)
-    if "EAGLE_AUTH_TOKEN_FILE" in env:
-        token = tmp_path / "token"
-        token.write_text("s3cret\n")
-        env["EAGLE_AUTH_TOKEN_FILE"] = str(token)
-    return settings_mod.load([], env=env)
+    """The server's settings from the manifest's variables and mounted files."""
+    return settings_mod.load([], env=k8s.pod_env(container, tmp_path))
 
 
 def test_every_eagle_variable_is_a_setting_and_the_server_accepts_them(container,
@@ -59,6 +46,12 @@ def test_every_eagle_variable_is_a_setting_and_the_server_accepts_them(container
     assert s.model.startswith("/models/")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": s.port, "metrics": s.metrics_port}
+    # the tuning comes from the ConfigMap's file, mounted where EAGLE_CONFIG says
+    config = literal_env(container)["EAGLE_CONFIG"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert config.startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
+    assert (s.max_running, s.grace_seconds, s.default_deadline_s, s.log_format) == \
+        (16, 600.0, 600.0, "json")
     assert s.max_connection_age_s > 0 and s.max_connection_age_grace_s >= s.max_connection_age_s
 
 
@@ -124,7 +117,7 @@ def test_the_tls_patch_moves_probes_to_the_health_port(container, tmp_path) -> N
     [c] = patch["spec"]["template"]["spec"]["containers"]
     assert c["name"] == container["name"]
     assert {e["name"] for e in c["env"]} <= SETTING_NAMES
-    s = manifest_settings({"env": container["env"] + c["env"]}, tmp_path)
+    s = manifest_settings({**container, "env": container["env"] + c["env"]}, tmp_path)
     assert s.tls and s.insecure is False and s.health_port
     mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")["mountPath"]
     assert s.tls_cert.startswith(mount + "/") and s.tls_key.startswith(mount + "/")
@@ -165,3 +158,31 @@ def test_eagle_health_reports_the_liveness_of_a_server(server, capsys) -> None:
     assert capsys.readouterr().out.strip() == f"eagle-health: {server.target} liveness: SERVING"
     assert main(["--server", server.target, "--service", "eagle.v1.ChatService"]) == 0
     assert main(["--server", server.target, "--service", "nope", "--timeout", "2"]) == 1
+
+
+def test_the_alert_rules_name_only_series_the_server_exports(tiny) -> None:
+    import yaml
+    from conftest import make_engine
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    [group] = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yaml").read_text())[
+        "groups"]
+    rules = group["rules"]
+    assert len(rules) == 6 and all(r["alert"] and r["annotations"]["summary"] for r in rules)
+    metrics = Metrics()
+    engine = make_engine(tiny)
+    try:
+        metrics.bind_engine(engine)
+        exported = set(re.findall(r"(?m)^# TYPE (\w+) ", generate_latest(metrics.registry)
+                                  .decode()))
+    finally:
+        engine.drain(0)
+    samples = {f"{name}{suffix}" for name in exported
+               for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    named = {m for r in rules for m in re.findall(r"\beagle_\w+", r["expr"])}
+    assert named and named <= samples, named - samples
+    # the operations page describes each of them, by name
+    page = (ROOT / "docs" / "operations.md").read_text()
+    assert [r["alert"] for r in rules if f"| `{r['alert']}` |" not in page] == []

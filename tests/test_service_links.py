@@ -11,14 +11,12 @@ import sys
 import time
 
 import grpc
+import k8s
 import pytest
-import yaml
 from conftest import ROOT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import settings as settings_mod
-
-K8S = ROOT / "deploy" / "kubernetes"
 
 
 def service_links(service: dict, cluster_ip: str) -> dict[str, str]:
@@ -50,17 +48,7 @@ def service_links(service: dict, cluster_ip: str) -> dict[str, str]:
     return env
 
 
-def manifests(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
-
-
-def container_env() -> dict[str, str]:
-    [deployment] = manifests("deployment.yaml")
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
-
-
-OURS = {s["metadata"]["name"]: s for s in manifests("service.yaml")}
+OURS = {s["metadata"]["name"]: s for s in k8s.manifests("service.yaml")}
 USERS_EAGLE = {"metadata": {"name": "eagle"},
                "spec": {"type": "ClusterIP", "ports": [{"name": "grpc", "port": 50051},
                                                        {"name": "metrics", "port": 9090}]}}
@@ -92,14 +80,11 @@ def test_the_link_builder_follows_kubelets_rules() -> None:
 
 
 def test_the_pod_spec_turns_service_links_off() -> None:
-    [deployment] = manifests("deployment.yaml")
-    assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    assert k8s.deployment()["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 
 def test_service_links_are_set_aside_and_a_typo_is_still_refused(tmp_path) -> None:
-    token = tmp_path / "token"
-    token.write_text("s3cret\n")
-    container = {**container_env(), "EAGLE_AUTH_TOKEN_FILE": str(token)}
+    container = k8s.pod_env(k8s.container(), tmp_path)
     env = kubelet_env([(s, "10.96.0.12") for s in OURS.values()]
                       + [(USERS_EAGLE, "10.96.0.77")], container)
     loaded = settings_mod.load_all([], env=env)
@@ -134,11 +119,8 @@ def test_the_server_starts_to_serving_with_what_kubelet_gives_it(tmp_path, tiny_
     """The Deployment's variables (the model, device, port and host made local) plus every
     service link of the manifests' Services and of a Service named `eagle`: SERVING, and
     one INFO line naming the variables it ignored."""
-    token = tmp_path / "token"
-    token.write_text("s3cret\n")
     port, metrics = _free_port(), _free_port()
-    container = {**container_env(), "EAGLE_AUTH_TOKEN_FILE": str(token),
-                 "EAGLE_MODEL": "tiny", "EAGLE_DEVICE": "cpu", "EAGLE_HOST": "127.0.0.1",
+    container = {**k8s.pod_env(k8s.container(), tmp_path), "EAGLE_MODEL": "tiny", "EAGLE_DEVICE": "cpu", "EAGLE_HOST": "127.0.0.1",
                  "EAGLE_PORT": str(port), "EAGLE_METRICS_PORT": str(metrics),
                  "EAGLE_METRICS_HOST": "127.0.0.1", "EAGLE_CACHE_DIR": str(tiny_dir.parent),
                  "EAGLE_ENGINE_PROCESS": "false", "EAGLE_LOG_FORMAT": "text"}
