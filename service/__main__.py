@@ -50,7 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     # torch calls, and with Python's default 5 ms GIL switch interval the event loop that
     # answers RPCs waits behind it; 0.5 ms measured better for latency and throughput.
     sys.setswitchinterval(s.gil_switch_ms / 1000)
-    return asyncio.run(serve(s, engine, tracing=tracing))
+    code = asyncio.run(serve(s, engine, tracing=tracing))
+    if code == 3:
+        # Wedged: a model step is stuck, maybe inside a kernel. Exit now with the code the
+        # supervisor expects: a normal interpreter exit would stop the stuck thread mid-way
+        # through C++ frames, which aborts the process (exit 134) instead.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
+    return code
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ def test_a_step_over_its_limit_fails_calls_with_unavailable_and_flips_health(tin
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert srv.app.failed.is_set()  # serve() turns this into exit code 3
         engine.fault_hook = None
+    # the stuck step ends (3 s) and the stopped loop returns: no engine thread is left inside
+    # torch when the interpreter exits (one there aborts the process: exit 134, not 0)
+    engine.drain(0)
+    engine._thread.join(10)
+    assert not engine._thread.is_alive()
 
 
 def test_an_engine_thread_that_dies_fails_held_calls_and_refuses_new_ones(tiny) -> None:
