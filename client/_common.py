@@ -23,8 +23,16 @@ SERVICE = "eagle.v1.ChatService"
 # Retries: UNAVAILABLE only (a warming, draining, restarting or dead replica), and only
 # before any response data has arrived (gRPC never replays a call once the server's headers
 # or a message came back, so a stream that sent text is not repeated); no hedging.
+# UNAVAILABLE: a replica warming up, draining or gone. RESOURCE_EXHAUSTED: a replica (or
+# the caller's tenant) at capacity or over a quota; the server's grpc-retry-pushback-ms
+# trailer says when to try again (gRPC waits that long instead of its backoff), and -1 where
+# a retry cannot help (out of memory for that request), which gRPC then does not retry. A
+# message over the server's size limit is never retried: it is larger than gRPC's retry
+# buffer.
 RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
-                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+PRIORITIES = {"interactive": chat_pb2.PRIORITY_INTERACTIVE, "batch": chat_pb2.PRIORITY_BATCH}
 BALANCING = ("round_robin", "pick_first", "ring_hash")
 # A call with an affinity key (a conversation id) goes to the replica its key hashes to on a
 # ring over the healthy replicas, so a conversation's turns meet their cached vision (and,
@@ -327,7 +335,7 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
                   json_schema: Any = None, strict: bool = True, json_object: bool = False,
                   regex: str | None = None, choice: Sequence[str] | None = None,
                   lark: str | None = None, gbnf: str | None = None, logprobs: bool = False,
-                  top_logprobs: int = 0, cache_salt: str = "",
+                  top_logprobs: int = 0, cache_salt: str = "", priority: str | None = None,
                   message: type[AnyChatRequest] = chat_pb2.ChatRequest) -> AnyChatRequest:
     """A ChatRequest (or, with `message`, a StreamChatRequest: the same fields): optional
     system, (user, assistant) history pairs, then the new user message with its images,
@@ -337,8 +345,14 @@ def build_request(text: str = "", *, images: Sequence[ImageLike] = (),
     class; `strict`: unsupported keywords are an error rather than ignored), `json_object`,
     `regex`, `choice` (a list of strings), or a grammar (`lark` or `gbnf`). `cache_salt`
     keeps the request's prompt prefix out of other salts' reach in the server's prefix
-    cache (see the .proto)."""
+    cache (see the .proto). `priority`: "interactive" (the server's default) or "batch":
+    within the caller's tenant, batch requests are admitted after and preempted before
+    interactive ones."""
     req = message(request_id=request_id, cache_salt=cache_salt)
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority {priority!r}: use interactive or batch")
+        req.priority = PRIORITIES[priority]
     if system is not None:
         req.messages.add(role=chat_pb2.ROLE_SYSTEM).parts.add(text=system)
     for question, answer in history:

@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--affinity-key", default=None,
                    help="e.g. a conversation id: calls with the same key go to the same "
                         "healthy replica, where their images' features are cached")
+    p.add_argument("--priority", choices=["interactive", "batch"], default=None,
+                   help="within your tenant, batch requests are admitted after interactive "
+                        "ones (the server's default: interactive)")
+    p.add_argument("--cache-salt", default="", help="keep this request's cached prompt and "
+                                                   "media apart from other salts'")
     p.add_argument("--token", default=os.environ.get("EAGLE_TOKEN"),
                    help="bearer token (or EAGLE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     request = dict(images=args.image, videos=videos, system=args.system,
                    max_new_tokens=args.max_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, stop=args.stop,
-                   affinity_key=args.affinity_key)
+                   affinity_key=args.affinity_key, priority=args.priority,
+                   cache_salt=args.cache_salt)
     try:
         request.update(_format(args))
         with EagleClient(args.server, token=args.token, tls=args.tls, root_certificates=args.ca,

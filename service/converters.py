@@ -1,7 +1,6 @@
 """The one place that maps protobuf to domain objects and back, validating every field."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -13,6 +12,8 @@ from eagle.v1 import chat_pb2
 from google.protobuf import unknown_fields
 
 from service.engine.job import (
+    BATCH,
+    INTERACTIVE,
     ChatJob,
     ChatMessage,
     Delta,
@@ -31,6 +32,7 @@ from service.engine.job import (
 )
 from service.errors import RequestError
 from service.settings import Settings
+from service.tenants import DEFAULT as DEFAULT_TENANT
 
 _ROLES = {chat_pb2.ROLE_SYSTEM: Role.SYSTEM, chat_pb2.ROLE_USER: Role.USER,
           chat_pb2.ROLE_ASSISTANT: Role.ASSISTANT}
@@ -108,9 +110,12 @@ def _valid_id(rid: str) -> bool:
 
 
 def to_job(request: AnyChatRequest, limits: Limits, rid: str,
-           timeout_s: float | None = None, namespace: str = "") -> ChatJob:
+           timeout_s: float | None = None, tenant: str = "default",
+           priority_header: str = "") -> ChatJob:
     """Validate a ChatRequest and build the engine's ChatJob. Raises RequestError(field, why).
-    `namespace` is the caller's prefix-cache namespace (`caller_namespace`)."""
+    `tenant` is the caller's (service.tenants): every cache the job touches is the tenant's
+    and the request's cache_salt's (`cache_namespace`); `priority_header` is the call's
+    x-eagle-priority metadata, used when the request leaves `priority` unset."""
     messages = _messages(request, limits)
     salt = request.cache_salt
     if len(salt.encode()) > MAX_CACHE_SALT:
@@ -122,19 +127,37 @@ def to_job(request: AnyChatRequest, limits: Limits, rid: str,
         sampling=_sampling(request.generation, limits),
         vision=_vision(request.vision, limits),
         deadline=None if timeout_s is None else time.monotonic() + timeout_s,
-        cache_namespace=f"{namespace}\0{salt}" if salt else namespace,
+        cache_namespace=cache_namespace(tenant, salt),
+        tenant=tenant,
+        priority=_priority(request.priority, priority_header),
     )
 
 
 MAX_CACHE_SALT = 256
+PRIORITY_KEY = "x-eagle-priority"
+_PRIORITIES = {chat_pb2.PRIORITY_INTERACTIVE: INTERACTIVE, chat_pb2.PRIORITY_BATCH: BATCH}
 
 
-def caller_namespace(authorization: str) -> str:
-    """The prefix-cache namespace of a caller who sent `authorization` (already checked by
-    the auth interceptor): one per bearer token, named by a hash of it (the token itself
-    never leaves this function)."""
-    _, _, token = authorization.strip().partition(" ")
-    return "token:" + hashlib.sha256(token.strip().encode("latin-1")).hexdigest()[:32]
+def cache_namespace(tenant: str, salt: str = "") -> str:
+    """Whose caches a request may use: its tenant's (the server's own without tenants, as
+    before there were any) and, within it, its cache_salt's."""
+    namespace = "" if tenant == DEFAULT_TENANT else f"tenant:{tenant}"
+    return f"{namespace}\0{salt}" if salt else namespace
+
+
+def _priority(value: int, header: str) -> str:
+    if value in _PRIORITIES:
+        return _PRIORITIES[value]
+    if value != chat_pb2.PRIORITY_UNSPECIFIED:
+        raise RequestError("priority", f"unknown value {value}: use PRIORITY_INTERACTIVE or "
+                                       f"PRIORITY_BATCH")
+    word = header.strip().lower()
+    if word in ("", INTERACTIVE):
+        return INTERACTIVE
+    if word == BATCH:
+        return BATCH
+    raise RequestError(PRIORITY_KEY, f"{header[:40]!r} is not a priority: use interactive or "
+                                     f"batch")
 
 
 def _messages(request: AnyChatRequest, limits: Limits) -> tuple[ChatMessage, ...]:

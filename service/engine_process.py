@@ -41,8 +41,9 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from service import logs
+from service import logs, tenants
 from service.engine.job import (
+    Capacity,
     ChatJob,
     Delta,
     EngineError,
@@ -55,6 +56,7 @@ from service.engine.job import (
 from service.engine.stream import END, JobStream, Outbox
 from service.runtime import limit_malloc_arenas
 from service.settings import Settings
+from service.tenants import engine_shares
 
 log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 900.0  # loading a 9B checkpoint from a slow disk
@@ -87,7 +89,8 @@ def build_engine(s: Settings):
         token_budget=s.token_budget, chunk_above=s.chunk_above, kv_cache_mb=s.kv_cache_mb,
         kv_block_size=s.kv_block_size, prefix_cache=s.prefix_cache, attention=s.attention,
         preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
-        video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media),
+        video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media,
+        tenants=engine_shares(tenants.from_settings(s.auth_token, bool(s.tls_client_ca)))),
         context_length=s.context_length or None)
 
 
@@ -96,7 +99,10 @@ class EngineProcess:
 
     def __init__(self, settings: Settings, start_timeout_s: float = _START_TIMEOUT_S) -> None:
         self._settings, self._start_timeout_s = settings, start_timeout_s
-        self._max_running, self._max_queue = settings.max_running, settings.max_queue
+        shares = engine_shares(tenants.from_settings(settings.auth_token,
+                                                     bool(settings.tls_client_ca)))
+        self.capacity = Capacity(settings.max_running, settings.max_queue,
+                                 {name: queue for name, _, queue in shares})
         self._lock = threading.Lock()
         self._streams: dict[int, JobStream] = {}
         self._keys = itertools.count()
@@ -158,8 +164,8 @@ class EngineProcess:
             if self.restarting and not self.wedged:
                 raise Unavailable("the model process is restarting after a crash; retry on "
                                   "another replica")
-            check_admission(self.wedged, self._accepting, len(self._streams),
-                            self._max_running, self._max_queue)
+            check_admission(self.wedged, self._accepting)
+            self.capacity.take(job.tenant)
             key = next(self._keys)
             stream = self._streams[key] = JobStream(job)
             out = self._out
@@ -292,14 +298,14 @@ class EngineProcess:
                 continue
             if item is None:
                 with self._lock:
-                    self._streams.pop(key, None)
+                    self._forget(key)
                 stream.close(outbox)
             elif isinstance(item, (Finished, BaseException)):
                 # the final event: the job stops counting in flight before its caller sees
                 # it, as in the engine itself (else a caller's next submit, made as soon as
                 # this one ended, could be refused as over capacity by a job already over)
                 with self._lock:
-                    self._streams.pop(key, None)
+                    self._forget(key)
                 stream.push(item, outbox)
                 stream.close(outbox)
             elif isinstance(item, str):
@@ -308,9 +314,16 @@ class EngineProcess:
                 stream.push(item, outbox)
         outbox.flush()
 
+    def _forget(self, key: int) -> None:
+        """A job is over: it leaves the count of its tenant's jobs in flight (lock held)."""
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            self.capacity.give(stream.job.tenant)
+
     def _fail_all(self, error: EngineError) -> None:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
+            self.capacity.clear()
         for stream in streams:
             stream.fail(error)
 

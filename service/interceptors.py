@@ -1,27 +1,25 @@
 """Server interceptors: bearer-token authentication for unary and streaming methods alike."""
 from __future__ import annotations
 
-import hmac
-import re
 from collections.abc import Awaitable, Callable
 
 import grpc
+
+from service.tenants import Tenants
 
 # Kubernetes' gRPC probes cannot send a token; health tells nothing secret.
 _OPEN = ("/grpc.health.v1.Health/",)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` in constant time (the scheme in any case, as
-    HTTP auth schemes are); never logs the token. Every method kind is covered: unary,
-    server, client and bidirectional streaming (reflection is the last).
+    """Checks `authorization: Bearer <token>` against the tenants' tokens in constant time
+    (the scheme in any case, as HTTP auth schemes are); never logs the token. Every method
+    kind is covered: unary, server, client and bidirectional streaming (reflection is the
+    last). Every token is compared, so the time taken does not say which matched; which
+    tenant it names is the servicer's to find (service.tenants)."""
 
-    `token` may hold several, one per line or comma-separated (one per tenant: each has its
-    own prefix-cache namespace, see converters.caller_namespace); every one is compared, so
-    the time taken does not say which matched."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = [t.strip().encode() for t in re.split(r"[\n,]", token) if t.strip()]
+    def __init__(self, tenants: Tenants) -> None:
+        self._tenants = tenants
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -32,9 +30,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
         sent = sent if isinstance(sent, str) else bytes(sent).decode("latin-1")
         scheme, _, token = sent.strip().partition(" ")
-        sent_token = token.strip().encode("latin-1")
-        matches = [hmac.compare_digest(sent_token, t) for t in self._expected]
-        if scheme.lower() == "bearer" and any(matches):
+        found = self._tenants.match(token.strip().encode("latin-1", "replace"))
+        if scheme.lower() == "bearer" and found is not None:
             return await continuation(details)
         handler = await continuation(details)
         why = ("missing authorization metadata: send 'authorization: Bearer <token>'"

@@ -12,16 +12,25 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("eagle_requests", "RPCs by method and final status code",
-                                ["method", "code"], registry=r)
+        # `tenant` is a name from the token file, `default` without tenants, or `other` (a
+        # certificate-named tenant the file does not know): its values stay bounded
+        self.requests = Counter("eagle_requests", "RPCs by method, final status code and "
+                                "tenant", ["method", "code", "tenant"], registry=r)
         self.ttft = Histogram("eagle_time_to_first_token_seconds",
-                              "Time from request to first text delta", buckets=_LATENCY,
-                              registry=r)
+                              "Time from request to first text delta", ["tenant"],
+                              buckets=_LATENCY, registry=r)
         self.latency = Histogram("eagle_request_seconds", "End-to-end RPC time", ["method"],
                                  buckets=_LATENCY, registry=r)
-        self.prompt_tokens = Counter("eagle_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.queue = Histogram("eagle_queue_seconds", "Time a request waited for a running "
+                               "slot", ["tenant"], buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("eagle_prompt_tokens", "Prompt tokens processed",
+                                     ["tenant"], registry=r)
         self.completion_tokens = Counter("eagle_completion_tokens", "Tokens generated",
-                                         registry=r)
+                                         ["tenant"], registry=r)
+        self.refusals = Counter("eagle_refusals", "Calls refused before any work, by tenant "
+                                "and the limit they met (capacity: the tenant's running slots "
+                                "and queue; max_in_flight, tokens_per_minute: its quotas)",
+                                ["tenant", "limit"], registry=r)
         self.vision_tiles = Counter("eagle_vision_tiles", "Image tiles and video frames encoded",
                                     registry=r)
         self.active = Gauge("eagle_rpcs_active", "Chat RPCs in progress", registry=r)

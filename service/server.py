@@ -13,6 +13,7 @@ from eagle.v1 import chat_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
+from service import tenants
 from service.converters import Limits
 from service.engine.job import ChatJob, ChatMessage, ImagePart, Role, SamplingParams, TextPart
 from service.interceptors import AuthInterceptor
@@ -93,17 +94,24 @@ class EagleServer:
         self._trimmer: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         interceptors = [tracing.interceptor()] if tracing is not None else []
-        if settings.auth_token:  # after tracing: a refused call is traced too
-            interceptors.append(AuthInterceptor(settings.auth_token))
-        rpcs = settings.max_concurrent_rpcs or settings.max_running + settings.max_queue + 64
+        self.tenants = tenants.from_settings(settings.auth_token, bool(settings.tls_client_ca))
+        if self.tenants.auth:  # after tracing: a refused call is traced too
+            interceptors.append(AuthInterceptor(self.tenants))
+        # every tenant may fill the running slots and its own queue (service.engine.job's
+        # Capacity); a tenant the file does not name gets the server's queue
+        queues = sum(t.max_queue or settings.max_queue for t in self.tenants.known()
+                     if t.name != tenants.DEFAULT)
+        rpcs = settings.max_concurrent_rpcs or (settings.max_running + settings.max_queue
+                                                + queues + 64)
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings),
                                       maximum_concurrent_rpcs=rpcs)
         limits = Limits.from_settings(settings, engine.info())
         self.ledger = Ledger(settings.ledger_file) if settings.ledger_file else None
         self.servicer = ChatServicer(engine, limits, self.metrics, self.state,
                                      {"max_request_bytes": settings.max_request_bytes,
-                                      "token_namespaces": bool(settings.auth_token)},
-                                     settings.default_deadline_s, self.ledger, tracing)
+                                      "max_queue": settings.max_queue},
+                                     settings.default_deadline_s, self.ledger, tracing,
+                                     self.tenants)
         self.server.add_generic_rpc_handlers((chat_handlers(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_reflection(self.server, (SERVICE, health.SERVICE_NAME))

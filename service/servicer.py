@@ -15,6 +15,8 @@ from service.engine.job import Delta, Finished, Trace, Unavailable
 from service.errors import RequestError, classify, rich_status
 from service.ledger import NoLedger
 from service.metrics import Metrics
+from service.quotas import Quotas
+from service.tenants import DEFAULT, TenantPolicy, Tenants
 
 if TYPE_CHECKING:  # the server process does not import torch when the engine is a child
     from service.engine.interface import Engine
@@ -48,6 +50,9 @@ class Undecodable:
 # The metadata key a mesh uses for request ids (Envoy sets and forwards it); taken when the
 # request's own request_id is empty, and sent back in the trailing metadata of every call.
 REQUEST_ID_KEY = "x-request-id"
+# gRFC A6: a client whose retry policy covers the status waits this many milliseconds before
+# its next attempt (a negative value: no retry).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
@@ -72,6 +77,8 @@ class _Call:
         self.done: Finished | None = None
         self.logprobs: list = []  # Chat's, gathered from the deltas
         self._token = None
+        self.tenant = owner.tenant_of(context)
+        self._quota = False  # counted in the tenant's quotas (released at close)
         self.span = owner.tracing.current_span() if owner.tracing is not None else None
 
     def submit(self, request: converters.AnyChatRequest | Undecodable):
@@ -89,14 +96,16 @@ class _Call:
         remaining = self.context.time_remaining()
         if remaining is None:  # no deadline from the client: the server's default applies
             remaining = self.owner.default_deadline_s
-        namespace = ""
-        if self.owner.info.get("token_namespaces"):  # one prefix cache per bearer token
-            namespace = converters.caller_namespace(
-                _metadata_value(self.context, "authorization"))
-        job = converters.to_job(request, self.owner.limits, self.rid, remaining, namespace)
+        job = converters.to_job(request, self.owner.limits, self.rid, remaining,
+                                self.tenant.name,
+                                _metadata_value(self.context, converters.PRIORITY_KEY))
         if self.span is not None and self.span.is_recording():
-            self.span.set_attribute("eagle.request_id", self.rid)
+            self.span.set_attributes({"eagle.request_id": self.rid,
+                                      "eagle.tenant": self.tenant.name,
+                                      "eagle.priority": job.priority})
             job.traced = True
+        self.owner.quotas.admit(self.tenant)
+        self._quota = True
         self.stream = self.owner.engine.submit(job)
         return self.stream
 
@@ -106,13 +115,14 @@ class _Call:
     def saw_text(self) -> None:
         if not self.first:
             self.first = time.monotonic()
-            self.owner.metrics.ttft.observe(self.first - self.start)
+            self.owner.metrics.ttft.labels(self.tenant.label).observe(self.first - self.start)
 
     def finished(self, done: Finished) -> None:
         self.done, self.code = done, "OK"
         m = self.owner.metrics
-        m.prompt_tokens.inc(done.usage.prompt_tokens)
-        m.completion_tokens.inc(done.usage.completion_tokens)
+        m.prompt_tokens.labels(self.tenant.label).inc(done.usage.prompt_tokens)
+        m.completion_tokens.labels(self.tenant.label).inc(done.usage.completion_tokens)
+        m.queue.labels(self.tenant.label).observe(done.timing.queue_ms / 1000)
         m.vision_tiles.inc(done.usage.image_tiles + done.usage.video_frames)
         if self.span is not None:
             u = done.usage
@@ -125,9 +135,16 @@ class _Call:
     async def fail(self, exc: Exception) -> None:
         code, message, field = classify(exc)
         self.code = code.name
-        retry = 1000 if code in (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 grpc.StatusCode.UNAVAILABLE) else 0
+        retry = 1000 if code is grpc.StatusCode.UNAVAILABLE else 0
         extra = ((REQUEST_ID_KEY, self.rid),) if self.rid else ()
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # gRPC's retry policy waits this long before trying again (-1: do not retry),
+            # for clients whose policy retries RESOURCE_EXHAUSTED, as this library's does
+            pushback = getattr(exc, "retry_ms", 0) or 1000
+            retry = max(0, pushback)
+            extra += ((PUSHBACK_KEY, str(pushback)),)
+            limit = getattr(exc, "limit", "capacity" if pushback > 0 else "memory")
+            self.owner.metrics.refusals.labels(self.tenant.label, limit).inc()
         if self.span is not None:  # abort_with_status bypasses the instrumentation's context
             self.owner.tracing.failed(self.span, code, message)
         await self.context.abort_with_status(rich_status(code, message, field, retry, extra))
@@ -140,13 +157,17 @@ class _Call:
         m = self.owner.metrics
         m.active.dec()
         self.owner.active -= 1
-        m.requests.labels(self.method, self.code).inc()
+        m.requests.labels(self.method, self.code, self.tenant.label).inc()
         m.latency.labels(self.method).observe(elapsed)
         extra = {"method": self.method, "code": self.code, "ms": round(elapsed * 1000, 1),
-                 "peer": self.peer}
+                 "peer": self.peer, "tenant": self.tenant.name}
+        used = 0
         if self.done is not None:
             extra.update(prompt_tokens=self.done.usage.prompt_tokens,
                          completion_tokens=self.done.usage.completion_tokens)
+            used = self.done.usage.prompt_tokens + self.done.usage.completion_tokens
+        if self._quota:
+            self.owner.quotas.release(self.tenant.name, used)
         log.info("rpc done", extra=extra)
         if self.rid:
             self.owner.ledger.write("terminal", self.rid, code=self.code)
@@ -163,9 +184,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, engine: Engine, limits: converters.Limits, metrics: Metrics,
                  state: ServingState, info: dict[str, int],
                  default_deadline_s: float = 600.0, ledger=None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, tenants: Tenants | None = None,
+                 quotas: Quotas | None = None) -> None:
         self.engine, self.limits, self.metrics, self.state = engine, limits, metrics, state
         self.tracing = tracing
+        self.tenants = tenants or Tenants({}, {DEFAULT: TenantPolicy(DEFAULT)})
+        self.quotas = quotas or Quotas()
         self.info = info
         self.default_deadline_s = default_deadline_s
         self.ledger = ledger or NoLedger()
@@ -224,4 +248,28 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             max_images_per_request=self.limits.max_images,
             max_new_tokens=self.limits.max_new_tokens, device=info.device,
             max_request_bytes=self.info["max_request_bytes"], server_version=__version__,
-            kv_block_size=info.kv_block_size, kv_cache_blocks=info.kv_blocks)
+            kv_block_size=info.kv_block_size, kv_cache_blocks=info.kv_blocks,
+            tenant=self.tenant_info(self.tenant_of(context)))
+
+    def tenant_of(self, context: grpc.aio.ServicerContext) -> TenantPolicy:
+        """The caller's tenant: by its bearer token (the auth interceptor has checked it), by
+        its client certificate's common name under mutual TLS, else `default`."""
+        name = ""
+        if not self.tenants.auth:
+            try:
+                found = (context.auth_context() or {}).get("x509_common_name") or ()
+            except Exception:  # noqa: BLE001 - a transport without an auth context
+                found = ()
+            if found:
+                name = found[0].decode("utf-8", "replace") if isinstance(found[0], bytes) \
+                    else str(found[0])
+        return self.tenants.identify(_metadata_value(context, "authorization"), name)
+
+    def tenant_info(self, tenant: TenantPolicy) -> chat_pb2.TenantInfo:
+        """What the caller may use of this replica and what it uses now."""
+        return chat_pb2.TenantInfo(
+            name=tenant.name, weight=tenant.weight,
+            max_queue=tenant.max_queue or self.info.get("max_queue", 0),
+            max_in_flight=tenant.max_in_flight, tokens_per_minute=tenant.tokens_per_minute,
+            in_flight=self.quotas.in_flight(tenant.name),
+            tokens_last_minute=self.quotas.tokens_last_minute(tenant.name))

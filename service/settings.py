@@ -138,12 +138,13 @@ class Settings:
     video_nvdec: bool = _s(False, "media", "decode videos with the GPU's NVDEC when the model is "
                            "on CUDA (7x slower than the CPU for short clips on an H200)")
     # -- security
-    auth_token: str = _s("", "security", "bearer token(s) callers must send, comma- or "
-                         "newline-separated, one per tenant; prefer auth_token_file",
-                         default_text="none: no authentication", secret=True)
-    auth_token_file: str = _s("", "security", "file holding the bearer token(s), e.g. a "
-                              "mounted Secret; the server refuses to start if it is missing "
-                              "or empty")
+    auth_token: str = _s("", "security", "tenants and their bearer tokens, one per line: "
+                         "name:token [weight=W max_queue=N max_in_flight=N "
+                         "tokens_per_minute=N], or bare tokens; prefer auth_token_file",
+                         default_text="none: no authentication, one tenant", secret=True)
+    auth_token_file: str = _s("", "security", "file holding the tenants and tokens (the "
+                              "auth_token format), e.g. a mounted Secret; the server refuses "
+                              "to start if it is missing, empty or malformed")
     tls_cert: str = _s("", "security", "PEM certificate chain for TLS on the gRPC port")
     tls_key: str = _s("", "security", "PEM private key for TLS on the gRPC port")
     tls_client_ca: str = _s("", "security", "PEM CA bundle: require client certificates "
@@ -228,6 +229,9 @@ class Settings:
         if self.kv_block_size < 1 or 64 % self.kv_block_size:
             raise ValueError(f"--kv-block-size {self.kv_block_size}: use 1, 2, 4, 8, 16, 32 "
                              f"or 64 (a divisor of the 64-key attention grain)")
+        from service import tenants  # the token file's syntax: refused at start-up
+
+        tenants.from_settings(self.auth_token, bool(self.tls_client_ca))
         if self.log_format not in ("json", "text"):
             raise ValueError(f"--log-format {self.log_format!r}: use json or text")
 

@@ -185,7 +185,8 @@ def test_metrics_endpoint_and_request_id_in_logs(server) -> None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         httpd.shutdown()
-    for series in ('eagle_requests_total{code="OK",method="Chat"}',
+    for series in ('eagle_requests_total{code="OK",method="Chat",tenant="default"}',
+                   'eagle_queue_seconds_count{tenant="default"}',
                    "eagle_time_to_first_token_seconds_count", "eagle_request_seconds_bucket",
                    "eagle_completion_tokens_total", "eagle_queue_depth",
                    "eagle_running_batch_size", "eagle_vision_tiles_total"):

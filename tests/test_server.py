@@ -191,7 +191,8 @@ def test_cancel_after_first_chunk_frees_the_job(server) -> None:
     while engine.stats()["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats() == {**engine.stats(), "in_flight": 0, "running": 0, "waiting": 0}
-    cancelled = server.app.metrics.requests.labels("StreamChat", "CANCELLED")._value.get()
+    cancelled = server.app.metrics.requests.labels("StreamChat", "CANCELLED",
+                                                   "default")._value.get()
     assert cancelled >= 1
 
 

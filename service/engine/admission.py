@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from service.engine.job import BATCH
 from service.engine.kv import BlockPool, blocks_for, chain, namespace_root, prompt_hashes
 from service.engine.prepare import Prepared
 from service.engine.runs import Queued, Running
@@ -63,17 +64,19 @@ class Admitting:
     pool: BlockPool
 
     def _admit(self) -> list[Queued]:
-        """Pop waiting jobs, in order, that fit the batch-size cap, the token budget and the
-        free blocks (lock held); a long prompt waits while another is prefilled in chunks.
-        Each leaves with its blocks: the leading ones its prompt shares with the prefix
-        index, then new ones for the rest."""
+        """Take waiting jobs, in fair order (fair.py: the tenant furthest below its share
+        first; within a tenant interactive before batch, each first come first served), that
+        fit the batch-size cap, the token budget and the free blocks (lock held); a long
+        prompt waits while another is prefilled in chunks. Each leaves with its blocks: the
+        leading ones its prompt shares with the prefix index, then new ones for the rest."""
         out: list[Queued] = []
         holding = [c.run for c in (self._chunking,) if c is not None]
+        self._make_room(holding)
         budget = sum(r.prep.job.sampling.max_new_tokens + len(r.prep.ids)
                      for r in self._running + holding)
         while (self._waiting and len(self._running) + len(holding) + len(out)
                < self.settings.max_running):
-            q = self._waiting[0]
+            q = self._waiting.peek()
             prep = q.prep
             if self._long(prep) and (holding or any(self._long(o.prep) for o in out)):
                 break
@@ -83,11 +86,49 @@ class Admitting:
                 break
             if not self._take_blocks(q, busy=bool(self._running or holding or out)):
                 break
-            self._waiting.popleft()
+            self._waiting.remove(q)
+            tenant = q.stream.job.tenant
+            self._waiting.started(tenant)
+            self._run_tenants[id(q.stream)] = tenant
+            if q.resume is None:  # its prompt's uncached tokens are its tenant's service
+                self._waiting.charge(tenant, len(prep.ids) - q.cached)
             budget += need
             self._held[id(q.stream)] = q.table
             out.append(q)
         return out
+
+    def _make_room(self, holding: list[Running]) -> None:
+        """With every running slot taken, make one for the job that should run next when it
+        is owed one: a tenant below its share of the slots (by weight) takes a slot from the
+        tenant most over its share, and an interactive job takes one from its own tenant's
+        batch jobs. The job preempted keeps its full blocks in the prefix index, so coming
+        back costs little while the pool has room."""
+        slots = self.settings.max_running
+        q = self._waiting.peek()
+        if q is None or len(self._running) + len(holding) < slots or not self._running:
+            return
+        job = q.stream.job
+        fair = self._waiting
+        victims: list[Running] = []
+        if fair.running(job.tenant) + 1 <= fair.share(job.tenant, slots):
+            for _, other in fair.over_share(slots):
+                if other != job.tenant and fair.running(other) - 1 >= fair.share(other, slots):
+                    victims = [r for r in self._running if r.stream.job.tenant == other]
+                    break
+        if not victims and job.priority != BATCH:
+            victims = [r for r in self._running
+                       if r.stream.job.tenant == job.tenant and r.stream.job.priority == BATCH]
+        if victims:
+            self._preempt(self._victim(victims), why="for a fair share of the batch")
+
+    def _victim(self, runs: list[Running]) -> Running:
+        """The job to preempt: of the tenant most over its share of the running slots, its
+        batch jobs before its interactive ones, the newest first."""
+        slots, fair = self.settings.max_running, self._waiting
+        over = {t: fair.running(t) / fair.share(t, slots)
+                for t in {r.stream.job.tenant for r in runs}}
+        return max(runs, key=lambda r: (over[r.stream.job.tenant],
+                                        r.stream.job.priority == BATCH, r.t_admit))
 
     def _take_blocks(self, q: Queued, busy: bool) -> bool:
         """Blocks for a job's prompt (or, coming back, for what it had): shared ones first.
@@ -127,15 +168,14 @@ class Admitting:
             victims = self._running + ([self._chunking.run] if self._chunking else [])
             if len(victims) == 1:  # alone and out of blocks: cannot happen (see _prepare)
                 raise RuntimeError("the KV pool cannot hold the only running job")
-            self._preempt(max(victims, key=lambda r: r.t_admit))
+            self._preempt(self._victim(victims))
 
-    def _preempt(self, run: Running) -> None:
+    def _preempt(self, run: Running, why: str = "the KV pool is full") -> None:
         """Take a job's blocks back and queue it first to come back. Its full blocks stay in
         the prefix index, so coming back is cheap unless others need the space meanwhile."""
         run.preemptions += 1
         self.preemptions += 1
-        log.info("preempting %s at %d tokens: the KV pool is full",
-                 run.stream.job.request_id, run.length)
+        log.info("preempting %s at %d tokens: %s", run.stream.job.request_id, run.length, why)
         if self._chunking is not None and self._chunking.run is run:
             self._chunking = None
             run.length = 0  # its prompt comes back as a new admission
@@ -144,9 +184,12 @@ class Admitting:
             self._running.remove(run)
             resume = run
         with self._cv:
+            tenant = self._run_tenants.pop(id(run.stream), None)
+            if tenant is not None:
+                self._waiting.stopped(tenant)
             self.pool.release(self._held.pop(id(run.stream)))
             run.table = []
-            self._waiting.appendleft(Queued(run.stream, run.prep, run.t_submit, resume))
+            self._waiting.push(Queued(run.stream, run.prep, run.t_submit, resume), front=True)
 
     def _register(self, run: Running, upto: int | None = None) -> None:
         """Name the job's newly full blocks in the prefix index once the pass that filled

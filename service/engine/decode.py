@@ -57,6 +57,9 @@ class Decoding:
             self._compact()
             return
         self.steps += 1
+        with self._cv:  # one token each: its tenant's service (fair.py)
+            for r in rows:
+                self._waiting.charge(r.stream.job.tenant, 1)
         allowed: dict[int, torch.Tensor] = {}
         if masks is not None:
             masks.result()

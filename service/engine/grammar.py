@@ -79,17 +79,19 @@ class Grammars:
         self.probe = CompileProbe(tokenizer, vocab_limit, sorted(stop_ids),
                                   settings.compile_workers, settings.compile_timeout_s,
                                   settings.compile_memory_mb)
-        self._cache: OrderedDict[tuple[str, str, bool], object] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str, bool], object] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = None
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self._bytes: dict[int, bytes] = {}
 
     # compiling (media threads) ----------------------------------------------------------
-    def constraint(self, fmt: ResponseFormat) -> Constraint:
-        """A fresh matcher for `fmt` (from the cache when the same format was seen).
-        Raises InvalidRequest naming fmt.field with the library's reason."""
-        key = (fmt.kind, fmt.spec, fmt.strict)
+    def constraint(self, fmt: ResponseFormat, namespace: str = "") -> Constraint:
+        """A fresh matcher for `fmt` (from the cache when the same format was seen in the same
+        cache `namespace`, the job's tenant and cache_salt: a compile's time must not tell a
+        tenant which schemas another sends). Raises InvalidRequest naming fmt.field with the
+        library's reason."""
+        key = (namespace, fmt.kind, fmt.spec, fmt.strict)
         with self._lock:
             template = self._cache.get(key)
             if template is not None:
@@ -112,9 +114,9 @@ class Grammars:
     def close(self) -> None:
         self.probe.close()
 
-    def cached(self, fmt: ResponseFormat) -> bool:
+    def cached(self, fmt: ResponseFormat, namespace: str = "") -> bool:
         with self._lock:
-            return (fmt.kind, fmt.spec, fmt.strict) in self._cache
+            return (namespace, fmt.kind, fmt.spec, fmt.strict) in self._cache
 
     def _compile(self, fmt: ResponseFormat):
         from llguidance import LLMatcher

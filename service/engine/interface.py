@@ -48,6 +48,9 @@ class EngineSettings:
     # batch-invariant, so it turns the invariant mode's default off)
     attention: str = "gather"
     media: MediaSettings = MediaSettings()
+    # Tenants' shares and queues: (name, weight, max_queue; 0: max_queue above). A tenant
+    # not named has weight 1 and the server's queue (see fair.py and job.Capacity).
+    tenants: tuple[tuple[str, float, int], ...] = ()
     grammar: GrammarSettings = GrammarSettings()
 
 

@@ -93,6 +93,10 @@ class VisionParams:
     frame_timestamps: bool = True
 
 
+INTERACTIVE, BATCH = "interactive", "batch"
+PRIORITIES = (INTERACTIVE, BATCH)
+
+
 @dataclass
 class ChatJob:
     """One request as the engine sees it. Per-request state lives here, never on the model."""
@@ -104,9 +108,12 @@ class ChatJob:
     deadline: float | None = None  # time.monotonic() seconds
     created: float = field(default_factory=time.monotonic)
     traced: bool = False  # record Stages for the request's trace
-    # Whose prefix cache the job reads and adds to: jobs share KV blocks only within one
-    # namespace (the caller's token and the request's cache_salt, see converters).
+    # Whose caches the job reads and adds to (KV blocks, vision embeddings, tokenized text,
+    # compiled formats): shared only within one namespace, the caller's tenant and the
+    # request's cache_salt (see converters).
     cache_namespace: str = ""
+    tenant: str = "default"  # whose share of the replica the job is served from
+    priority: str = INTERACTIVE  # INTERACTIVE or BATCH, within the tenant
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.monotonic()) >= self.deadline
@@ -236,9 +243,12 @@ class ModelLoadError(Exception):
 
 
 class EngineError(FieldError):
-    """A job that cannot complete; `code` is one of the names in service.errors' table."""
+    """A job that cannot complete; `code` is one of the names in service.errors' table.
+    `retry_ms`, for RESOURCE_EXHAUSTED: when a retry may succeed (the call's
+    grpc-retry-pushback-ms and RetryInfo), or -1 when retrying cannot help."""
 
     code = "INTERNAL"
+    retry_ms = 0
 
 
 class InvalidRequest(EngineError):
@@ -247,10 +257,12 @@ class InvalidRequest(EngineError):
 
 class Overloaded(EngineError):
     code = "RESOURCE_EXHAUSTED"
+    retry_ms = 1000  # a slot is likely free by then
 
 
 class OutOfMemory(EngineError):
     code = "RESOURCE_EXHAUSTED"
+    retry_ms = -1  # the same request runs out again
 
 
 class Unavailable(EngineError):
@@ -265,13 +277,52 @@ class DeadlineExceeded(EngineError):
     code = "DEADLINE_EXCEEDED"
 
 
-def check_admission(wedged: bool, accepting: bool, in_flight: int, max_running: int,
-                    max_queue: int) -> None:
-    """Raise the error a new job gets when the engine cannot take it now."""
+def check_admission(wedged: bool, accepting: bool) -> None:
+    """Raise the error a new job gets when the engine takes none now."""
     if wedged:
         raise Unavailable("the model is stuck; this replica is restarting, retry on another")
     if not accepting:
         raise Unavailable("the server is shutting down; retry on another replica")
-    if in_flight >= max_running + max_queue:
-        raise Overloaded(f"the server is at capacity ({max_running} running, {max_queue} "
-                         f"queued); retry later")
+
+
+class Capacity:
+    """What may be in flight (accepted, not finished), per tenant: the running slots plus the
+    tenant's queue (`queues[name]`, else `max_queue`). A tenant at its limit is refused while
+    the others are still admitted; with one tenant this is the engine's whole capacity."""
+
+    def __init__(self, max_running: int, max_queue: int,
+                 queues: dict[str, int] | None = None) -> None:
+        self.max_running, self.max_queue = max_running, max_queue
+        self.queues = {k: v for k, v in (queues or {}).items() if v}
+        self.by_tenant: dict[str, int] = {}
+        self.total = 0
+
+    def queue_of(self, tenant: str) -> int:
+        return self.queues.get(tenant, self.max_queue)
+
+    def take(self, tenant: str) -> None:
+        """Count a new job of `tenant`, or raise Overloaded naming the limit it is at (the
+        caller holds the engine's lock)."""
+        queue = self.queue_of(tenant)
+        held = self.by_tenant.get(tenant, 0)
+        if held >= self.max_running + queue:
+            if tenant == "default":
+                raise Overloaded(f"the server is at capacity ({self.max_running} running, "
+                                 f"{queue} queued); retry later")
+            raise Overloaded(f"tenant {tenant!r} is at its limit of {held} requests in "
+                             f"flight ({self.max_running} running + {queue} queued); retry "
+                             f"later")
+        self.by_tenant[tenant] = held + 1
+        self.total += 1
+
+    def clear(self) -> None:
+        self.by_tenant.clear()
+        self.total = 0
+
+    def give(self, tenant: str) -> None:
+        held = self.by_tenant.get(tenant, 0) - 1
+        if held > 0:
+            self.by_tenant[tenant] = held
+        else:
+            self.by_tenant.pop(tenant, None)
+        self.total -= 1

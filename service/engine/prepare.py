@@ -122,7 +122,7 @@ class Preparer:
                           job.vision.max_video_frames) for p in videos]
             skeleton = self.style.conversation(job.messages, [SampledVideo([]) for _ in videos],
                                                timestamps=job.vision.frame_timestamps)
-            text_tokens = self.tokens.count_text(skeleton)
+            text_tokens = self.tokens.count_text(skeleton, job.cache_namespace)
             cap = job.vision.max_tiles_per_image if self.cfg.dynamic_image_size else 1
             try:
                 plan = ads.fit_budget(
@@ -148,7 +148,7 @@ class Preparer:
             job.messages, [SampledVideo(d.timestamps, d.sample_fps) for d in decoded],
             timestamps=job.vision.frame_timestamps)
         counts = [t.shape[0] for t in per_image]
-        ids = self.tokens.encode(segments, counts, self.per_tile)
+        ids = self.tokens.encode(segments, counts, self.per_tile, job.cache_namespace)
         if len(ids) + job.sampling.max_new_tokens > self.context_length:
             raise ContextOverflow(f"the prompt is {len(ids):,} tokens and {job.sampling.max_new_tokens:,} "
                                   f"more are reserved for the reply, over the "

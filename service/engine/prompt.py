@@ -145,7 +145,10 @@ class PromptTokenizer:
         self.img_context = image_token_id if image_token_id is not None else context
 
     def encode(self, segments: list[Segment], image_tiles: list[int],
-               tokens_per_tile: int = 256) -> list[int]:
+               tokens_per_tile: int = 256, namespace: str = "") -> list[int]:
+        """The prompt's ids; long text segments' ids are kept per cache `namespace` (the
+        job's tenant and cache_salt: how fast a segment tokenizes says nothing about what
+        another tenant sent)."""
         ids: list[int] = []
         for seg in segments:
             if isinstance(seg, Slot):
@@ -157,12 +160,12 @@ class PromptTokenizer:
                 if len(seg.text) < _CACHED_TEXT:
                     ids += backend.encode(seg.text, add_special_tokens=False).ids
                 else:
-                    ids += _encoded(backend, seg.text)
+                    ids += _encoded(backend, seg.text, namespace)
         return ids
 
-    def count_text(self, segments: list[Segment]) -> int:
+    def count_text(self, segments: list[Segment], namespace: str = "") -> int:
         """Tokens that are not vision context: everything but the 256*tiles per slot."""
-        return len(self.encode(segments, [0] * _count_images(segments), 0))
+        return len(self.encode(segments, [0] * _count_images(segments), 0, namespace))
 
 
 # Long texts come back in request after request (a shared system prompt, a conversation's
@@ -172,7 +175,7 @@ _CACHED_TEXT = 256  # characters from which a segment's ids are kept
 
 
 @functools.lru_cache(maxsize=64)  # at most 64 x 200K characters (max_text_chars)
-def _encoded(backend: Tokenizer, text: str) -> tuple[int, ...]:
+def _encoded(backend: Tokenizer, text: str, namespace: str) -> tuple[int, ...]:
     return tuple(backend.encode(text, add_special_tokens=False).ids)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,11 +12,13 @@ import torch
 from preprocess.errors import PreprocessError
 from service.engine.admission import Admitting, hash_prompt, pool_blocks
 from service.engine.decode import Decoding
+from service.engine.fair import FairQueue
 from service.engine.grammar import Grammars
 from service.engine.graphs import DecodeGraphs
 from service.engine.interface import TOKEN_BUDGETS, EngineInfo, EngineSettings
 from service.engine.job import (
     Cancelled,
+    Capacity,
     ChatJob,
     DeadlineExceeded,
     EngineError,
@@ -112,10 +113,12 @@ class NativeEngine(Admitting, Prefilling, Decoding):
                                     settings.vision_batch, invariant)
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
         self._cv = threading.Condition()
-        self._waiting: deque[Queued] = deque()
+        self._waiting = FairQueue({name: weight for name, weight, _ in settings.tenants})
+        self.capacity = Capacity(settings.max_running, settings.max_queue,
+                                 {name: queue for name, _, queue in settings.tenants})
+        self._run_tenants: dict[int, str] = {}  # id(stream) -> tenant, of admitted jobs
         self._running: list[Running] = []
         self._streams: dict[int, JobStream] = {}  # keyed by id(stream): ids may repeat
-        self._in_flight = 0
         self._accepting = True
         self._stop = False
         self.steps = 0
@@ -144,9 +147,8 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         JobStream). Full: Overloaded at once."""
         stream = JobStream(job, sink, key)
         with self._cv:
-            check_admission(self.wedged, self._accepting, self._in_flight,
-                            self.settings.max_running, self.settings.max_queue)
-            self._in_flight += 1
+            check_admission(self.wedged, self._accepting)
+            self.capacity.take(job.tenant)
             self._streams[id(stream)] = stream
         t_submit = time.monotonic()
         self._pool.submit(self._prepare, stream, t_submit)
@@ -176,7 +178,7 @@ class NativeEngine(Admitting, Prefilling, Decoding):
                     "kv_blocks_free": kv.free, "kv_blocks_evicted": kv.evicted,
                     "prefix_prompt_tokens": kv.prompt_tokens, "prefix_hit_tokens": kv.hit_tokens,
                     "kv_preemptions": self.preemptions,
-                    "in_flight": self._in_flight, "waiting": len(self._waiting),
+                    "in_flight": self.capacity.total, "waiting": len(self._waiting),
                     "running": len(self._running), "steps": self.steps,
                     "prefilling": int(self._chunking is not None),
                     "vision_cache_hits": cache.hits if cache is not None else 0,
@@ -220,8 +222,10 @@ class NativeEngine(Admitting, Prefilling, Decoding):
             fmt = stream.job.sampling.response_format
             if fmt is not None:
                 with timed(stream.stages, "eagle.grammar", **{
-                        "eagle.format": fmt.kind, "eagle.cached": self.grammars.cached(fmt)}):
-                    prepared.constraint = self.grammars.constraint(fmt)
+                        "eagle.format": fmt.kind,
+                        "eagle.cached": self.grammars.cached(fmt, stream.job.cache_namespace)}):
+                    prepared.constraint = self.grammars.constraint(fmt,
+                                                                   stream.job.cache_namespace)
         except (PreprocessError, EngineError) as exc:
             self._end(stream, exc)
             return
@@ -231,7 +235,7 @@ class NativeEngine(Admitting, Prefilling, Decoding):
             return
         prepared.ready_ns = time.time_ns()
         with self._cv:
-            self._waiting.append(Queued(stream, prepared, t_submit))
+            self._waiting.push(Queued(stream, prepared, t_submit))
             self._cv.notify()
 
     # the engine thread --------------------------------------------------------------------
@@ -369,7 +373,10 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         with self._cv:
             if self._streams.pop(id(stream), None) is None:
                 return
-            self._in_flight -= 1
+            self.capacity.give(stream.job.tenant)
+            tenant = self._run_tenants.pop(id(stream), None)
+            if tenant is not None:
+                self._waiting.stopped(tenant)
             held = self._held.pop(id(stream), None)
             if held is not None:
                 self.pool.release(held)

@@ -54,6 +54,13 @@ class VisionCache:
         return len(self._items)
 
 
+def cache_key(prep: Prepared, group) -> str:
+    """A group's key in the vision cache: its content within the job's cache namespace (its
+    tenant and cache_salt), so another tenant's same image is neither served from nor counted
+    as cached for this one."""
+    return f"{prep.job.cache_namespace}\0{group.key}"
+
+
 class VisionEncoder:
     """Runs the vision tower (SigLIP, pixel shuffle, mlp1) for the jobs of one admission."""
 
@@ -68,37 +75,39 @@ class VisionEncoder:
         Misses go through the tower together (or one image at a time, batch-invariant)."""
         dev, dtype = self.lm.device, self.lm.dtype
         found: dict[str, torch.Tensor] = {}
-        todo = []
+        todo = []  # (cache key, group)
         for prep in preps:
             for group in prep.groups:
-                if group.key in found:
+                key = cache_key(prep, group)
+                if key in found:
                     continue
-                hit = self.cache.get(group.key) if self.cache is not None else None
-                found[group.key] = hit
+                hit = self.cache.get(key) if self.cache is not None else None
+                found[key] = hit
                 if hit is None:
-                    todo.append(group)
+                    todo.append((key, group))
         # Batch-invariant mode encodes each image (or video) on its own, so its features do
         # not depend on what else was admitted with it; otherwise all misses go together.
-        batches = [[g] for g in todo] if self.invariant else ([todo] if todo else [])
+        batches = [[t] for t in todo] if self.invariant else ([todo] if todo else [])
         for batch in batches:
-            pixels = torch.cat([g.pixel_values(self.norm, dev, dtype) for g in batch])
+            pixels = torch.cat([g.pixel_values(self.norm, dev, dtype) for _, g in batch])
             feats = torch.cat([self.lm.model.encode_tiles(pixels[i:i + self.batch])
                                for i in range(0, pixels.shape[0], self.batch)])
             at = 0
-            for g in batch:
+            for key, g in batch:
                 n = g.tiles.shape[0]
-                found[g.key] = feats[at:at + n]
+                found[key] = feats[at:at + n]
                 at += n
                 if self.cache is not None:
-                    self.cache.put(g.key, found[g.key])
-        fresh = {g.key for g in todo}
+                    self.cache.put(key, found[key])
+        fresh = {key for key, _ in todo}
         out: list[tuple[torch.Tensor | None, int]] = []
         for prep in preps:
             if not prep.groups:
                 out.append((None, 0))
                 continue
-            cached = sum(g.tiles.shape[0] for g in prep.groups if g.key not in fresh)
-            out.append((torch.cat([found[g.key] for g in prep.groups]), cached))
+            cached = sum(g.tiles.shape[0] for g in prep.groups
+                         if cache_key(prep, g) not in fresh)
+            out.append((torch.cat([found[cache_key(prep, g)] for g in prep.groups]), cached))
         return out
 
 
@@ -118,7 +127,7 @@ class VisionSteps:
         for group in prep.groups:
             if group.key in self.done or group.key in self._parts:
                 continue
-            hit = cache.get(group.key) if cache is not None else None
+            hit = cache.get(cache_key(prep, group)) if cache is not None else None
             if hit is not None:
                 self.done[group.key] = hit
                 self.cached += group.tiles.shape[0]
@@ -139,7 +148,7 @@ class VisionSteps:
                 feats = torch.cat(self._parts.pop(group.key))
                 self.done[group.key] = feats
                 if self.enc.cache is not None:
-                    self.enc.cache.put(group.key, feats)
+                    self.enc.cache.put(cache_key(self.prep, group), feats)
         return not self._todo
 
     def result(self) -> torch.Tensor | None:

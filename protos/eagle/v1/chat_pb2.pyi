@@ -20,6 +20,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP_SEQUENCE: _ClassVar[FinishReason]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BATCH: _ClassVar[Priority]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -28,34 +34,41 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BATCH: Priority
 
 class ChatRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "generation", "vision", "cache_salt")
+    __slots__ = ("request_id", "messages", "generation", "vision", "cache_salt", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VISION_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     generation: GenerationConfig
     vision: VisionConfig
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ..., cache_salt: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class StreamChatRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "generation", "vision", "cache_salt")
+    __slots__ = ("request_id", "messages", "generation", "vision", "cache_salt", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VISION_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     generation: GenerationConfig
     vision: VisionConfig
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., generation: _Optional[_Union[GenerationConfig, _Mapping]] = ..., vision: _Optional[_Union[VisionConfig, _Mapping]] = ..., cache_salt: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "parts")
@@ -268,7 +281,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_type", "context_length", "tokens_per_tile", "tile_size", "max_tiles_per_image", "max_video_frames", "max_images_per_request", "max_new_tokens", "device", "max_request_bytes", "server_version", "kv_block_size", "kv_cache_blocks")
+    __slots__ = ("model_name", "model_type", "context_length", "tokens_per_tile", "tile_size", "max_tiles_per_image", "max_video_frames", "max_images_per_request", "max_new_tokens", "device", "max_request_bytes", "server_version", "kv_block_size", "kv_cache_blocks", "tenant")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +296,7 @@ class GetModelInfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_type: str
     context_length: int
@@ -297,4 +311,23 @@ class GetModelInfoResponse(_message.Message):
     server_version: str
     kv_block_size: int
     kv_cache_blocks: int
-    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., tile_size: _Optional[int] = ..., max_tiles_per_image: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., device: _Optional[str] = ..., max_request_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ...) -> None: ...
+    tenant: TenantInfo
+    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., tile_size: _Optional[int] = ..., max_tiles_per_image: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., device: _Optional[str] = ..., max_request_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., tenant: _Optional[_Union[TenantInfo, _Mapping]] = ...) -> None: ...
+
+class TenantInfo(_message.Message):
+    __slots__ = ("name", "weight", "max_queue", "max_in_flight", "tokens_per_minute", "in_flight", "tokens_last_minute")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    max_queue: int
+    max_in_flight: int
+    tokens_per_minute: int
+    in_flight: int
+    tokens_last_minute: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., in_flight: _Optional[int] = ..., tokens_last_minute: _Optional[int] = ...) -> None: ...
