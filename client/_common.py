@@ -154,19 +154,35 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 class EagleError(Exception):
     """A failed call. `code` is the grpc.StatusCode; `details` the server's message;
-    `field` the request field it names (when the server sent BadRequest details)."""
+    `field` the request field it names (when the server sent BadRequest details);
+    `retry_after_ms` the server's grpc-retry-pushback-ms on a refusal: when a new call may
+    pass (-1: it will not; None: the server said nothing). gRPC's retry policy has already
+    waited and retried where it could before this is raised."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, field: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, field: str = "",
+                 retry_after_ms: int | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
         self.field = field
+        self.retry_after_ms = retry_after_ms
 
     @classmethod
     def from_rpc(cls, err: grpc.RpcError, trailers: Iterable[tuple[str, Any]] = ()) -> EagleError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
-        return cls(code, details or "", _bad_field(trailers))
+        trailers = tuple(trailers or ())
+        return cls(code, details or "", _bad_field(trailers), _pushback(trailers))
+
+
+def _pushback(trailers: Iterable[tuple[str, Any]]) -> int | None:
+    for key, value in trailers:
+        if key == "grpc-retry-pushback-ms":
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _bad_field(trailers: Iterable[tuple[str, Any]]) -> str:

@@ -251,14 +251,16 @@ def test_the_library_keeps_one_connection_with_pick_first(tiny) -> None:
             s.app.engine.drain(0)
 
 
-def test_the_service_config_retries_only_unavailable_before_data() -> None:
+def test_the_service_config_retries_unavailable_and_pushed_back_refusals() -> None:
     from client._common import service_config
 
     config = json.loads(service_config())
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert config["healthCheckConfig"] == {"serviceName": "eagle.v1.ChatService"}
     [method] = config["methodConfig"]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    # RESOURCE_EXHAUSTED is retried after the server's grpc-retry-pushback-ms (never when
+    # it says -1): tests/test_tenants.py shows both
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert "hedgingPolicy" not in method
     ring = json.loads(service_config("ring_hash"))  # what other languages' clients can read
     assert ring["loadBalancingConfig"] == [

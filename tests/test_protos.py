@@ -41,7 +41,8 @@ def test_importable_as_eagle_v1_with_the_fixed_names() -> None:
               for m in ("ChatRequest", "StreamChatRequest", "ChatResponse", "StreamChatResponse")}
     # the two requests (and the two replies) are the same on the wire
     assert fields["ChatRequest"] == fields["StreamChatRequest"] == [
-        ("request_id", 1), ("messages", 2), ("generation", 3), ("vision", 4), ("cache_salt", 5)]
+        ("request_id", 1), ("messages", 2), ("generation", 3), ("vision", 4), ("cache_salt", 5),
+        ("priority", 6)]
     assert fields["ChatResponse"] == fields["StreamChatResponse"] == [
         ("request_id", 1), ("text", 2), ("finish_reason", 3), ("usage", 4), ("timing", 5),
         ("adjustments", 6), ("stop_sequence", 7), ("logprobs", 8)]

@@ -192,6 +192,8 @@ def test_tls_and_mutual_tls(tiny, pki) -> None:
                          client_key=pki["client_key"], timeout=10, retries=False)
         with ok:
             assert ok.chat("hi", max_new_tokens=2).usage.completion_tokens == 2
+            # without tokens, the client certificate's common name names the tenant
+            assert ok.model_info().tenant.name == "client"
         failures = [
             EagleClient(target, timeout=5, retries=False),  # plaintext
             EagleClient(target, root_certificates=pki["good_ca"], timeout=5, retries=False),
