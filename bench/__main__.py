@@ -8,7 +8,8 @@ from pathlib import Path
 
 from bench.common import machine, write_json
 
-SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet", "family", "kv")
+SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet", "family", "kv",
+            "tenants")
 
 
 def main() -> None:
@@ -59,6 +60,10 @@ def main() -> None:
             from bench import family_bench
 
             text, data = family_bench.run(out)
+        elif section == "tenants":
+            from bench import tenants_bench
+
+            text, data = tenants_bench.run(out)
         else:
             from bench import kv_bench
 

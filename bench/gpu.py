@@ -326,27 +326,30 @@ def long_text(tok, tokens: int) -> str:
     return text
 
 
-def prefill_budget(lm: LoadedModel, budgets: list[int], prompt_tokens: int) -> list[dict]:
+def prefill_budget(lm: LoadedModel, budgets: list[int], prompt_tokens: int,
+                   slowdowns: list[float]) -> list[dict]:
     """kv_bench's stall-free prefill on this device: six streams' inter-token gaps alone and
-    while one `prompt_tokens`-token prompt is admitted, per token budget (0: one pass), with the
-    long prompt's time to first token: what --token-budget and a cost-based chunk size need."""
-    from bench.kv_bench import STREAMS, one_long_prompt
+    while one `prompt_tokens`-token prompt is admitted, and the prompt's time to first token
+    against its time alone, for chunks of a fixed token budget (0: one pass) and for chunks
+    sized by measured cost (--max-itl-slowdown)."""
+    from bench.kv_bench import STREAMS, prefill_modes
 
-    text = long_text(lm.tokenizer, prompt_tokens)
-    rows = []
-    for budget in budgets:
-        settings = {"token_budget": budget} if budget else {"chunk_above": 0}
+    modes = [(f"budget {b}" if b else "one pass",
+              {"token_budget": b, "max_itl_slowdown": 0} if b else {"chunk_above": 0})
+             for b in budgets]
+    modes += [(f"paced, slowdown {s:g}", {"max_itl_slowdown": s}) for s in slowdowns]
+
+    def engine_for(settings: dict) -> NativeEngine:
         engine = bench_engine(lm, STREAMS + 1, **settings)
-        try:
-            list(engine.submit(text_job("warm", 8)))
-            rows.append({"token_budget": budget, **one_long_prompt(engine, text)})
-        finally:
-            engine.drain(0)
-            del engine
-            gc.collect()
-            if lm.device.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+        list(engine.submit(text_job("warm", 8)))
+        return engine
+
+    try:
+        return prefill_modes(lm, long_text(lm.tokenizer, prompt_tokens), modes, engine_for)
+    finally:
+        gc.collect()
+        if lm.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -430,8 +433,8 @@ def main() -> None:
     gc.collect()
     if on_cuda:
         torch.cuda.empty_cache()
-    prefill = run("prefill_budget", lambda: prefill_budget(lm, budgets, 26_000 if on_cuda
-                                                           else 2_000), [])
+    prefill = run("prefill_budget", lambda: prefill_budget(
+        lm, budgets, 26_000 if on_cuda else 2_000, [2.0, 3.0] if on_cuda else [2.0]), [])
     flex = run("flex", lambda: flex_rows(lm, batches, near, args.tokens, long_prompt))
     generate = run("generate_tokens_per_s", lambda: plain_generate(lm, args.tokens))
     peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
@@ -572,14 +575,9 @@ def report(result: dict, args, dtype, near: int, budgets: list[int], flex, prefi
               f"the static steps run eagerly there)")
     print()
     if prefill:
-        print(table(f"Long prompt beside running streams: six streams' inter-token gaps while "
-                    f"one {prefill[0]['prompt_tokens']:,}-token prompt is prefilled",
-                    ["token budget", "long prompt TTFT ms", "ITL alone p50 ms",
-                     "ITL during p50 ms", "p99 ms", "max ms", "p50 during / alone"],
-                    [[r["token_budget"] or "none (one pass)", f"{r['ttft_s'] * 1000:.0f}",
-                      f"{r['itl_alone_p50_ms']:.2f}", f"{r['itl_during_p50_ms']:.2f}",
-                      f"{r['itl_during_p99_ms']:.1f}", f"{r['itl_during_max_ms']:.1f}",
-                      f"{r['ratio_p50']:.2f}x"] for r in prefill]))
+        from bench.kv_bench import prefill_table
+
+        print(prefill_table(prefill, f"{result['device']}, Eagle2-1B shapes"))
     title = "Targets (H200, Eagle2-1B shapes)" + (
         "" if args.device.startswith("cuda") else ": a CPU dry run, the figures say nothing")
     print(table(title, ["target", "goal", "measured", ""], targets(result)))

@@ -86,7 +86,8 @@ def build_engine(s: Settings):
         default_video_frames=s.default_video_frames, device_decode=s.device_decode)
     return NativeEngine(loaded, EngineSettings(
         max_running=s.max_running, max_queue=s.max_queue, max_batch_tokens=s.max_batch_tokens,
-        token_budget=s.token_budget, chunk_above=s.chunk_above, kv_cache_mb=s.kv_cache_mb,
+        token_budget=s.token_budget, chunk_above=s.chunk_above,
+        max_itl_slowdown=s.max_itl_slowdown, kv_cache_mb=s.kv_cache_mb,
         kv_block_size=s.kv_block_size, prefix_cache=s.prefix_cache, attention=s.attention,
         preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
         video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media,

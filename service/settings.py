@@ -98,10 +98,15 @@ class Settings:
     max_batch_tokens: int = _s(262_144, "scheduling", "prompt tokens admitted into one "
                                "prefill batch")
     token_budget: int = _s(0, "scheduling", "tokens one scheduler iteration computes: decode "
-                           "rows first, the rest for a long prompt's next chunk",
+                           "rows first, the rest for a long prompt's next chunk (with "
+                           "max_itl_slowdown: the first chunk, and a set one caps them all)",
                            default_text="0: the device's, 256 on CPU, 2048 on CUDA")
     chunk_above: int = _s(4096, "scheduling", "prompt tokens above which a prompt is prefilled "
                           "in chunks between decode steps (0: always one pass)")
+    max_itl_slowdown: float = _s(2.0, "scheduling", "how many times a plain decode step the "
+                                 "running streams' inter-token gap may become while a long "
+                                 "prompt is prefilled: each chunk is sized by its measured cost "
+                                 "(0: chunks of token_budget instead)")
     default_deadline_s: float = _s(600.0, "scheduling", "seconds allowed to a call that comes "
                                    "without a deadline")
     # -- request limits
@@ -232,6 +237,10 @@ class Settings:
         from service import tenants  # the token file's syntax: refused at start-up
 
         tenants.from_settings(self.auth_token, bool(self.tls_client_ca))
+        if self.max_itl_slowdown and self.max_itl_slowdown <= 1:
+            raise ValueError(f"--max-itl-slowdown {self.max_itl_slowdown:g}: use a factor above "
+                             f"1 (2: a long prompt may double the streams' gap), or 0 for "
+                             f"chunks of --token-budget")
         if self.log_format not in ("json", "text"):
             raise ValueError(f"--log-format {self.log_format!r}: use json or text")
 

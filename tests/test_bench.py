@@ -76,11 +76,12 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert [b["batch"] for b in decode["batches"]] == [b["batch"] for b in
                                                        decode["eager_batches"]] == [1, 4]
     assert all(b["aggregate_tokens_per_s"] > 0 for b in decode["batches"])
-    # the long prompt beside six streams, per token budget (256 and one pass in the dry run)
-    assert [r["token_budget"] for r in data["prefill_budget"]] == [256, 0]
+    # the long prompt beside six streams: a fixed budget, one pass, and paced chunks
+    assert [r["mode"] for r in data["prefill_budget"]] == ["budget 256", "one pass",
+                                                          "paced, slowdown 2"]
     assert all(r["prompt_tokens"] > 1500 and r["itl_during_p50_ms"] > 0
-               for r in data["prefill_budget"])
-    assert "### Long prompt beside running streams: six streams' inter-token gaps" in bench_log
+               and r["ttft_ratio"] > 0 for r in data["prefill_budget"])
+    assert "### Stall-free prefill: 6 running streams while a " in bench_log
     assert data["generate_tokens_per_s"] > 0
     # the dry run decodes through the static steps a GPU captures as CUDA graphs
     assert data["graphs"] == {"captured": 0, "replayed": 0}

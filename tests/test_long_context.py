@@ -33,7 +33,7 @@ def job(rid: str, text: str, tokens: int, traced: bool = False,
 
 
 def test_running_streams_keep_producing_while_a_long_prompt_prefills(tiny) -> None:
-    engine = make_engine(tiny, max_running=16, token_budget=2048)
+    engine = make_engine(tiny, max_running=16, token_budget=2048, max_itl_slowdown=0)
     times: dict[str, list[float]] = {f"s{i}": [] for i in range(8)}
     # logprobs: every token comes as a Delta, also when its text is held back
     streams = {rid: engine.submit(job(rid, f"stream {rid}", 4000, logprobs=True))

@@ -36,6 +36,10 @@ class EngineSettings:
     # token_budget 0: the device's measured default (TOKEN_BUDGETS); chunk_above 0: never.
     token_budget: int = 0
     chunk_above: int = 4096
+    # With running streams, each chunk is sized by its measured cost (pacing.py) so the
+    # streams' inter-token gap stays within this many plain decode steps; the token budget is
+    # then only the first chunk's size, before anything is measured. 0: the budget rule above.
+    max_itl_slowdown: float = 2.0
     # The KV cache (kv.py): blocks of `kv_block_size` tokens from one pool of `kv_cache_mb`
     # (0: the device's default, admission.pool_blocks); full blocks are shared between jobs
     # whose prompts start alike (same tokens, media and cache namespace) unless prefix_cache

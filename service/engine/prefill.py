@@ -26,10 +26,13 @@ class Prefilling:
         """Prefilled in chunks, one per iteration (see EngineSettings.chunk_above)."""
         return 0 < self.settings.chunk_above < len(prep.ids)
 
-    def _chunk_size(self) -> int:
-        """What this iteration's token budget leaves for the long prompt after the running
-        streams' decode rows."""
-        return max(MIN_CHUNK, self.token_budget - len(self._running))
+    def _chunk_size(self, offset: int, remaining: int) -> int:
+        """This iteration's chunk of the long prompt: sized by its measured cost against the
+        decode step's (pacing.py) when --max-itl-slowdown is on; else what the token budget
+        leaves after the running streams' decode rows."""
+        if self.pacing is not None:
+            return self.pacing.next(offset, len(self._running), remaining)
+        return min(remaining, max(MIN_CHUNK, self.token_budget - len(self._running)))
 
     def _prefill(self, admitted: list[Queued]) -> None:
         """Admitted jobs into their blocks: positions the prefix cache held are skipped, a
@@ -200,7 +203,8 @@ class Prefilling:
             self._chunking = None
             return
         total = run.length
-        a, b = c.done, min(c.done + self._chunk_size(), total)
+        a = c.done
+        b = a + self._chunk_size(a, total - a)
         self._threads(True)
         try:
             if c.embeds is None:  # the vision first, a slice of tiles per step
@@ -216,7 +220,12 @@ class Prefilling:
                             ("eagle.cached_tiles", c.vision.cached))))
                     c.embeds = self._embeds(run, c.vision.result())
                 return
+            began = time.perf_counter()
             logits = self.decoder.prefill_chunk(c.embeds[a:b], run.table, a)
+            if self.pacing is not None:
+                if logits.device.type == "cuda":  # the chunk's own time, not its launch's
+                    torch.cuda.synchronize(logits.device)
+                self.pacing.chunk_took(b - a, a, time.perf_counter() - began)
         except Exception as exc:  # out of memory, or a bug: this job alone fails
             self._chunking = None
             self._end(run.stream, as_engine_error(exc))

@@ -15,7 +15,7 @@ from service.engine.decode import Decoding
 from service.engine.fair import FairQueue
 from service.engine.grammar import Grammars
 from service.engine.graphs import DecodeGraphs
-from service.engine.interface import TOKEN_BUDGETS, EngineInfo, EngineSettings
+from service.engine.interface import MIN_CHUNK, TOKEN_BUDGETS, EngineInfo, EngineSettings
 from service.engine.job import (
     Cancelled,
     Capacity,
@@ -31,6 +31,7 @@ from service.engine.job import (
 )
 from service.engine.llm import Decoder, kv_bytes_per_token
 from service.engine.loader import LoadedModel
+from service.engine.pacing import ChunkSizer
 from service.engine.prefill import Prefilling
 from service.engine.prepare import Preparer
 from service.engine.processor_prompt import FRAME_LIMITS, make_style, resolve_style
@@ -97,6 +98,12 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         self.token_budget = settings.token_budget or TOKEN_BUDGETS.get(loaded.device.type,
                                                                        2048)
         self._chunking: Chunked | None = None
+        self.pacing = (ChunkSizer(settings.max_itl_slowdown,
+                                  start=max(MIN_CHUNK, self.token_budget),
+                                  cap=settings.token_budget or max(self.token_budget,
+                                                                   settings.chunk_above),
+                                  floor=settings.kv_block_size)
+                       if settings.max_itl_slowdown else None)
         if loaded.device.type == "cuda" and not invariant and settings.cuda_graphs:
             self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running,
                                                max_keys=self.context_length)
@@ -280,7 +287,10 @@ class NativeEngine(Admitting, Prefilling, Decoding):
                     self._outbox.flush()
                 self._reap()
                 if self._running:
+                    began = time.perf_counter()
                     self._step()
+                    if self.pacing is not None:
+                        self.pacing.decode_took(time.perf_counter() - began)
             except Exception as exc:  # a bug in the loop itself: fail what runs, keep serving
                 log.exception("engine loop iteration failed")
                 for r in self._running:
