@@ -38,13 +38,17 @@ PREFILL_MODES = (("budget 64", {"token_budget": 64, "max_itl_slowdown": 0}),
                  ("paced, slowdown 3", {"max_itl_slowdown": 3.0}))
 
 
-def alone_ttft(engine: NativeEngine, text: str) -> float:
-    """The long prompt's time to first token with nothing else running."""
-    start = time.monotonic()
-    for event in engine.submit(_job("alone", text, 2)):
-        if isinstance(event, Delta):
-            return time.monotonic() - start
-    return time.monotonic() - start
+def alone_ttft(engine: NativeEngine, text: str, runs: int = 2) -> float:
+    """The long prompt's time to first token with nothing else running: the best of `runs`
+    (the first pays the engine's warm-up)."""
+    best = float("inf")
+    for i in range(runs):
+        start = time.monotonic()
+        for event in engine.submit(_job(f"alone{i}", text, 2)):
+            if isinstance(event, Delta):
+                break
+        best = min(best, time.monotonic() - start)
+    return best
 
 
 def _job(rid: str, text: str, tokens: int) -> ChatJob:
@@ -94,7 +98,7 @@ def prefill_modes(lm, text: str, modes=PREFILL_MODES, engine_for=None) -> list[d
     """Each prefill mode's row: the long prompt's TTFT beside the streams and alone (one pass,
     nothing running), and the streams' gaps; `engine_for(settings)` builds the engine."""
     engine_for = engine_for or (lambda kw: NativeEngine(lm, EngineSettings(**kw)))
-    engine = engine_for({"chunk_above": 0})
+    engine = engine_for({"chunk_above": 0, "prefix_cache": False})
     try:
         alone = alone_ttft(engine, text)
     finally:

@@ -17,7 +17,8 @@ def _fed(cost, slowdown: float = 2.0, x: int = 20_000) -> ChunkSizer:
     """A sizer that has measured a decode step and chunks of several sizes near `x`."""
     sizer = ChunkSizer(slowdown, start=256, cap=4096, floor=16)
     for _ in range(5):
-        sizer.decode_took(DECODE)
+        sizer.iteration_took(DECODE)  # a plain iteration: the decode step
+        sizer.iteration_took(DECODE + 0.5, 0.5)  # one with a chunk: the same besides it
     for i, n in enumerate((64, 256, 128, 512, 96, 384)):
         sizer.chunk_took(n, x + 10 * i, cost(n))
     return sizer
@@ -29,7 +30,7 @@ def test_the_fit_recovers_a_chunks_fixed_part_and_cost_per_token() -> None:
     assert fixed == pytest.approx(0.015, rel=1e-6) and per == pytest.approx(3e-5, rel=1e-6)
     # sizes too alike to tell the parts apart: the next chunk probes twice the size
     alike = ChunkSizer(2.0, start=256, cap=4096)
-    alike.decode_took(DECODE)
+    alike.iteration_took(DECODE)
     for i in range(4):
         alike.chunk_took(16, 1000 * i, 0.015 + 16 * 3e-5)
     assert alike.fit() is None
@@ -92,7 +93,7 @@ def test_a_paced_chunked_prefill_gives_the_one_pass_tokens(tiny) -> None:
         b = list(whole.submit(job))[-1]
         assert isinstance(a, Finished) and a.text == b.text
         assert a.usage.prompt_tokens == b.usage.prompt_tokens > 7000
-        assert paced.pacing.samples > 3 and paced.pacing.decode_s > 0
+        assert paced.pacing.samples > 3 and paced.pacing.gap_s > 0
         for s in streams:
             s.cancel()
     finally:

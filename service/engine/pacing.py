@@ -5,23 +5,26 @@ chunk before its next token: its inter-token gap is the decode step plus the chu
 cost is not in its token count: each chunk reads the keys and values of every position before
 it and each of its tokens attends over them, so a chunk has a fixed part that grows as the
 prompt goes on (at 20K positions in, a few tokens can cost several decode steps on a CPU)
-and a part per token. ChunkSizer measures the decode step (the median of recent steps) and
-each chunk, and fits the recent chunks, which lie close together in the prompt, as
+and a part per token. ChunkSizer measures each chunk and fits the recent ones, which lie
+close together in the prompt, as
 
     t(n) = F + n * p          a chunk of n tokens here: fixed part F, p per token.
 
-With `s` the allowed slowdown (--max-itl-slowdown) and d the decode step:
+It also measures the engine's iterations: g, a stream's gap when no chunk runs, and b, what
+an iteration with a chunk spends besides it (the decode step, the loop's own work). With `s`
+the allowed slowdown (--max-itl-slowdown):
 
-- the streams' bound: t(n) <= (s - 1) * d, so their gap is at most s decode steps;
-- the prompt's bound: each iteration costs the prompt t(n) + d for n tokens that one pass
+- the streams' bound: b + t(n) <= s * g, so their gap is at most s plain gaps;
+- the prompt's bound: each iteration costs the prompt b + t(n) for n tokens that one pass
   would do in n * p, so its time to first token stays within s times its time alone when
-  (t(n) + d) / (n * p) <= s, that is n >= (F + d) / ((s - 1) * p).
+  (b + t(n)) / (n * p) <= s, that is n >= (F + b) / ((s - 1) * p).
 
 The largest chunk within the streams' bound is taken when it keeps the prompt's bound too.
 When no chunk keeps both the prompt's bound wins, with the smallest chunk that keeps it, so
 the streams' gap is as short as that allows. The two meet exactly at a slowdown of 2 when a
-chunk has no fixed part, and any fixed part parts them: the conflict is the rule there, and
-the streams' gap comes to 2 * (d + F). With no stream running the chunk is the cap.
+chunk has no fixed part (and b = g), and any fixed part parts them: the conflict is the
+rule there, and the streams' gap comes to about 2 * (g + F). With no stream running the
+chunk is the cap.
 """
 from __future__ import annotations
 
@@ -39,15 +42,30 @@ class ChunkSizer:
         if slowdown <= 1.0:
             raise ValueError(f"max_itl_slowdown {slowdown:g} must be above 1")
         self.slowdown, self.start, self.cap, self.floor = slowdown, start, cap, floor
-        self.decode_s = 0.0  # a decode step's time: the median of the recent ones
-        self._decodes: deque[float] = deque(maxlen=9)
+        self._plain: deque[float] = deque(maxlen=9)  # iterations without a chunk
+        self._besides: deque[float] = deque(maxlen=9)  # the rest of iterations with one
         self._recent: deque[tuple[int, int, float]] = deque(maxlen=window)  # (n, x, seconds)
         self.samples = 0
 
-    def decode_took(self, seconds: float) -> None:
-        """A decode step of the running batch took `seconds`."""
-        self._decodes.append(seconds)
-        self.decode_s = statistics.median(self._decodes)
+    @property
+    def gap_s(self) -> float:
+        """A stream's gap without a chunk: the median of recent plain iterations (0 until
+        one is measured)."""
+        return statistics.median(self._plain) if self._plain else 0.0
+
+    @property
+    def besides_s(self) -> float:
+        """What an iteration with a chunk spends besides the chunk (the decode step and the
+        loop's own work): the median of recent ones, else a plain iteration's."""
+        return statistics.median(self._besides) if self._besides else self.gap_s
+
+    def iteration_took(self, seconds: float, chunk_seconds: float = 0.0) -> None:
+        """An engine iteration with streams decoding took `seconds`, `chunk_seconds` of them
+        in a long prompt's chunk (0: none)."""
+        if chunk_seconds > 0:
+            self._besides.append(max(seconds - chunk_seconds, 0.0))
+        else:
+            self._plain.append(seconds)
 
     def chunk_took(self, tokens: int, offset: int, seconds: float) -> None:
         """A chunk of `tokens` positions starting at `offset` took `seconds`."""
@@ -80,17 +98,18 @@ class ChunkSizer:
         top = max(1, min(remaining, self.cap))
         if rows == 0:
             return top
-        if not self._recent or self.decode_s == 0:
+        gap, besides = self.gap_s, self.besides_s
+        if not self._recent or gap == 0:
             return max(1, min(remaining, max(self.floor, self.start)))
-        s, d = self.slowdown, self.decode_s
+        s = self.slowdown
         last = self._recent[-1][0]
         fitted = self.fit()
         if fitted is None:  # probe another size so the fixed part shows
             return max(1, min(top, max(self.floor, 2 * last if last < top else last // 2)))
         fixed, per = fitted
-        room = (s - 1) * d - fixed
+        room = s * gap - besides - fixed
         itl_n = room / per if room > 0 else 0.0  # the streams' bound
-        ttft_n = (fixed + d) / ((s - 1) * per)  # the prompt's bound
+        ttft_n = (fixed + besides) / ((s - 1) * per)  # the prompt's bound
         size = itl_n if itl_n >= ttft_n else math.ceil(ttft_n)
         # at most twice the last chunk: a fit from a few noisy chunks moves in steps
         size = min(size, 2 * last)

@@ -225,7 +225,8 @@ class Prefilling:
             if self.pacing is not None:
                 if logits.device.type == "cuda":  # the chunk's own time, not its launch's
                     torch.cuda.synchronize(logits.device)
-                self.pacing.chunk_took(b - a, a, time.perf_counter() - began)
+                self._chunk_s = time.perf_counter() - began
+                self.pacing.chunk_took(b - a, a, self._chunk_s)
         except Exception as exc:  # out of memory, or a bug: this job alone fails
             self._chunking = None
             self._end(run.stream, as_engine_error(exc))

@@ -98,6 +98,7 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         self.token_budget = settings.token_budget or TOKEN_BUDGETS.get(loaded.device.type,
                                                                        2048)
         self._chunking: Chunked | None = None
+        self._chunk_s = 0.0  # this iteration's chunk of a long prompt, seconds
         self.pacing = (ChunkSizer(settings.max_itl_slowdown,
                                   start=max(MIN_CHUNK, self.token_budget),
                                   cap=settings.token_budget or max(self.token_budget,
@@ -279,6 +280,7 @@ class NativeEngine(Admitting, Prefilling, Decoding):
                 return
             try:
                 self._busy_since = time.monotonic()
+                iteration, self._chunk_s = time.perf_counter(), 0.0
                 if admitted:
                     self._prefill(admitted)
                     self._outbox.flush()  # first tokens out now, not after the batch's step
@@ -287,10 +289,10 @@ class NativeEngine(Admitting, Prefilling, Decoding):
                     self._outbox.flush()
                 self._reap()
                 if self._running:
-                    began = time.perf_counter()
                     self._step()
                     if self.pacing is not None:
-                        self.pacing.decode_took(time.perf_counter() - began)
+                        self.pacing.iteration_took(time.perf_counter() - iteration,
+                                                   self._chunk_s)
             except Exception as exc:  # a bug in the loop itself: fail what runs, keep serving
                 log.exception("engine loop iteration failed")
                 for r in self._running:
