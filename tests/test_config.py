@@ -32,9 +32,9 @@ def test_every_setting_has_a_group_a_description_and_a_flag_in_help() -> None:
         end = at[group + 1] if group + 1 < len(at) else len(text)
         assert at[group] < text.index(f"  {flag} ") < end, flag
     squashed = " ".join(text.split())
-    assert ("--token-budget N tokens one scheduler iteration computes: decode rows first, the "
-            "rest for a long prompt's next chunk [default 0: the device's, 256 on CPU, 2048 on "
-            "CUDA; env EAGLE_TOKEN_BUDGET]") in squashed
+    assert "--max-itl-slowdown X how many times a plain decode step the running" in squashed
+    assert ("prompt is prefilled: each chunk is sized by its measured cost (0: chunks of "
+            "token_budget instead) [default 2.0; env EAGLE_MAX_ITL_SLOWDOWN]") in squashed
     assert ("Precedence, highest first: flags, then environment variables, then the config "
             "file, then the defaults.") in squashed
     assert text.startswith("usage: eagle-serve [--config FILE] [--print-config] "
