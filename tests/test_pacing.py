@@ -39,6 +39,17 @@ def test_the_fit_recovers_a_chunks_fixed_part_and_cost_per_token() -> None:
     assert alike.fit() == (pytest.approx(0.015), pytest.approx(3e-5))
 
 
+def test_a_few_chunks_slowed_by_something_else_do_not_move_the_fit() -> None:
+    """Two of eight chunks took ten times as long (another process had the cores): the
+    medians of the pairwise slopes and of the remainders stay on the true costs."""
+    sizer = ChunkSizer(2.0, start=256, cap=4096)
+    for i, n in enumerate((64, 256, 128, 512, 96, 384, 192, 320)):
+        slow = 10.0 if i in (2, 5) else 1.0
+        sizer.chunk_took(n, 20_000 + i, slow * (0.015 + n * 3e-5))
+    fixed, per = sizer.fit()
+    assert fixed == pytest.approx(0.015, rel=0.1) and per == pytest.approx(3e-5, rel=0.1)
+
+
 def test_the_streams_bound_holds_where_a_chunk_can_keep_both() -> None:
     """A fixed part well under a decode step and a slowdown of 3: the largest chunk within
     two more decode steps, which keeps the prompt within 3x its time alone as well. (At 2 the
