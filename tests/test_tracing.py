@@ -86,6 +86,8 @@ def check_tree(spans, reply) -> None:
     assert dict(children["eagle.decode"].attributes) == {
         "eagle.completion_tokens": 3, "eagle.finish_reason": "length"}
     assert rpc.attributes["eagle.request_id"] == "traced-1"
+    assert (rpc.attributes["eagle.tenant"], rpc.attributes["eagle.priority"]) == \
+        ("default", "interactive")
     assert rpc.attributes["eagle.finish_reason"] == "length"
     assert rpc.attributes["eagle.completion_tokens"] == 3
     assert rpc.status.status_code is not StatusCode.ERROR
