@@ -56,10 +56,6 @@ def _job(rid: str, text: str, tokens: int) -> ChatJob:
                    SamplingParams(max_new_tokens=tokens, ignore_eos=True, logprobs=True))
 
 
-def _one(engine: NativeEngine, alone_s: float = 1.5) -> dict:
-    return one_long_prompt(engine, LONG_TEXT, alone_s)
-
-
 def one_long_prompt(engine: NativeEngine, text: str, alone_s: float = 1.5) -> dict:
     """Six streams' inter-token gaps alone and while a prompt of `text` is admitted, and that
     prompt's time to first token (bench/gpu.py runs it on the GPU too)."""

@@ -62,6 +62,11 @@ log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 900.0  # loading a 9B checkpoint from a slow disk
 
 
+def _shares(s: Settings) -> tuple[tuple[str, float, int], ...]:
+    """The tenants' weights and queues, as the engine and its capacity take them."""
+    return engine_shares(tenants.from_settings(s.auth_token, bool(s.tls_client_ca)))
+
+
 def build_engine(s: Settings):
     """The native engine over the model `s.model`, with the settings' limits (in this process)."""
     from preprocess.frames import VideoPolicy
@@ -91,7 +96,7 @@ def build_engine(s: Settings):
         kv_block_size=s.kv_block_size, prefix_cache=s.prefix_cache, attention=s.attention,
         preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
         video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media,
-        tenants=engine_shares(tenants.from_settings(s.auth_token, bool(s.tls_client_ca)))),
+        tenants=_shares(s)),
         context_length=s.context_length or None)
 
 
@@ -100,10 +105,7 @@ class EngineProcess:
 
     def __init__(self, settings: Settings, start_timeout_s: float = _START_TIMEOUT_S) -> None:
         self._settings, self._start_timeout_s = settings, start_timeout_s
-        shares = engine_shares(tenants.from_settings(settings.auth_token,
-                                                     bool(settings.tls_client_ca)))
-        self.capacity = Capacity(settings.max_running, settings.max_queue,
-                                 {name: queue for name, _, queue in shares})
+        self.capacity = Capacity(settings.max_running, settings.max_queue, _shares(settings))
         self._lock = threading.Lock()
         self._streams: dict[int, JobStream] = {}
         self._keys = itertools.count()

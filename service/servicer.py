@@ -16,7 +16,7 @@ from service.errors import RequestError, classify, rich_status
 from service.ledger import NoLedger
 from service.metrics import Metrics
 from service.quotas import Quotas
-from service.tenants import DEFAULT, TenantPolicy, Tenants
+from service.tenants import TenantPolicy, Tenants, from_settings
 
 if TYPE_CHECKING:  # the server process does not import torch when the engine is a child
     from service.engine.interface import Engine
@@ -188,7 +188,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                  quotas: Quotas | None = None) -> None:
         self.engine, self.limits, self.metrics, self.state = engine, limits, metrics, state
         self.tracing = tracing
-        self.tenants = tenants or Tenants({}, {DEFAULT: TenantPolicy(DEFAULT)})
+        self.tenants = tenants or from_settings("", client_ca=False)  # `default` alone
         self.quotas = quotas or Quotas()
         self.info = info
         self.default_deadline_s = default_deadline_s

@@ -19,7 +19,6 @@ slice when another tenant below its slice waits with no slot free.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 from typing import Protocol
 
 from service.engine.job import BATCH, ChatJob
@@ -97,11 +96,6 @@ class FairQueue:
     def __bool__(self) -> bool:
         return any(a or b for a, b in self._queues.values())
 
-    def __iter__(self) -> Iterator[_Waiting]:
-        for inter, batch in self._queues.values():
-            yield from inter
-            yield from batch
-
     def waiting(self, tenant: str) -> int:
         inter, batch = self._queues.get(tenant, ((), ()))
         return len(inter) + len(batch)
@@ -128,7 +122,7 @@ class FairQueue:
     def share(self, tenant: str, slots: int) -> float:
         """The running slots `tenant` is due among the tenants active now (those waiting or
         running, `tenant` counted as active), by weight."""
-        active = set(self._active_tenants()) | {tenant}
+        active = self._active_tenants() | {tenant}
         return slots * self.weight(tenant) / sum(self.weight(t) for t in active)
 
     def over_share(self, slots: int) -> list[tuple[float, str]]:
@@ -140,7 +134,5 @@ class FairQueue:
     def _active(self, tenant: str) -> bool:
         return self.waiting(tenant) > 0 or self._running.get(tenant, 0) > 0
 
-    def _active_tenants(self) -> Iterator[str]:
-        seen = set(self._running)
-        seen.update(t for t, (a, b) in self._queues.items() if a or b)
-        return iter(seen)
+    def _active_tenants(self) -> set[str]:
+        return set(self._running) | {t for t, (a, b) in self._queues.items() if a or b}

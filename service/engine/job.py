@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from preprocess.errors import FieldError
+from service.tenants import DEFAULT as DEFAULT_TENANT
 
 
 class Role(str, Enum):
@@ -94,7 +95,6 @@ class VisionParams:
 
 
 INTERACTIVE, BATCH = "interactive", "batch"
-PRIORITIES = (INTERACTIVE, BATCH)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class ChatJob:
     # compiled formats): shared only within one namespace, the caller's tenant and the
     # request's cache_salt (see converters).
     cache_namespace: str = ""
-    tenant: str = "default"  # whose share of the replica the job is served from
+    tenant: str = DEFAULT_TENANT  # whose share of the replica the job is served from
     priority: str = INTERACTIVE  # INTERACTIVE or BATCH, within the tenant
 
     def expired(self, now: float | None = None) -> bool:
@@ -287,13 +287,14 @@ def check_admission(wedged: bool, accepting: bool) -> None:
 
 class Capacity:
     """What may be in flight (accepted, not finished), per tenant: the running slots plus the
-    tenant's queue (`queues[name]`, else `max_queue`). A tenant at its limit is refused while
-    the others are still admitted; with one tenant this is the engine's whole capacity."""
+    tenant's queue (its max_queue in `tenants`, else `max_queue`). A tenant at its limit is
+    refused while the others are still admitted; with one tenant this is the engine's whole
+    capacity. `tenants` is EngineSettings.tenants: (name, weight, max_queue)."""
 
     def __init__(self, max_running: int, max_queue: int,
-                 queues: dict[str, int] | None = None) -> None:
+                 tenants: tuple[tuple[str, float, int], ...] = ()) -> None:
         self.max_running, self.max_queue = max_running, max_queue
-        self.queues = {k: v for k, v in (queues or {}).items() if v}
+        self.queues = {name: queue for name, _, queue in tenants if queue}
         self.by_tenant: dict[str, int] = {}
         self.total = 0
 
@@ -306,7 +307,7 @@ class Capacity:
         queue = self.queue_of(tenant)
         held = self.by_tenant.get(tenant, 0)
         if held >= self.max_running + queue:
-            if tenant == "default":
+            if tenant == DEFAULT_TENANT:
                 raise Overloaded(f"the server is at capacity ({self.max_running} running, "
                                  f"{queue} queued); retry later")
             raise Overloaded(f"tenant {tenant!r} is at its limit of {held} requests in "

@@ -122,8 +122,7 @@ class NativeEngine(Admitting, Prefilling, Decoding):
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="media")
         self._cv = threading.Condition()
         self._waiting = FairQueue({name: weight for name, weight, _ in settings.tenants})
-        self.capacity = Capacity(settings.max_running, settings.max_queue,
-                                 {name: queue for name, _, queue in settings.tenants})
+        self.capacity = Capacity(settings.max_running, settings.max_queue, settings.tenants)
         self._run_tenants: dict[int, str] = {}  # id(stream) -> tenant, of admitted jobs
         self._running: list[Running] = []
         self._streams: dict[int, JobStream] = {}  # keyed by id(stream): ids may repeat
