@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
 import statistics
@@ -201,6 +202,80 @@ def neighbour_rate(engine: NativeEngine, tok, batch: int, tokens: int,
     row = batch_rate(engine, batch, tokens)
     long.cancel()  # a cancelled job sends no more events, so its size is counted here
     return {**row, "neighbour_prompt_tokens": len(tok(text)["input_ids"])}
+
+
+def decode_profile(engine: NativeEngine, tokens: int, out: Path) -> dict:
+    """Where one stream's decode step spends its time: the engine's step (wall), the model's
+    part of it (`decode_step`, wall to return and, on CUDA, the device's own time between
+    events around it) and the loop outside the step; then the same run under cProfile on the
+    engine thread, its top functions written to decode-profile.txt. Batch 1, graphs as
+    configured: the single-stream target's gap to the bandwidth bound is this breakdown."""
+    import cProfile
+    import pstats
+
+    on_cuda = engine.lm.device.type == "cuda"
+    decoder, step = engine.decoder, engine._step
+    calls: list = []  # (step start, step end, model start, model return, events)
+    model_call = decoder.decode_step
+
+    def timed_model(*a, **kw):
+        ev = ((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              if on_cuda else None)
+        start = time.perf_counter()
+        if ev:
+            ev[0].record()
+        value = model_call(*a, **kw)
+        if ev:
+            ev[1].record()
+        calls[-1][2:] = [start, time.perf_counter(), ev]
+        return value
+
+    profiler = [None]
+
+    def timed_step():
+        calls.append([time.perf_counter(), 0.0, 0.0, 0.0, None])
+        if profiler[0] is not None:
+            profiler[0].enable()
+        try:
+            step()
+        finally:
+            if profiler[0] is not None:
+                profiler[0].disable()
+            calls[-1][1] = time.perf_counter()
+
+    def one_run() -> dict:
+        calls.clear()
+        list(engine.submit(text_job("profile", tokens)))
+        _sync(engine.lm.device)
+        done = [c for c in calls if c[3]]
+        if len(done) < 8:
+            return {"steps": len(done)}
+        done = done[4:]  # past the first steps (graph bucket warm-up)
+        ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+        row = {"steps": len(done),
+               "step_wall_ms": ms([c[1] - c[0] for c in done]),
+               "model_call_ms": ms([c[3] - c[2] for c in done]),
+               "step_outside_model_ms": ms([(c[1] - c[0]) - (c[3] - c[2]) for c in done]),
+               "between_steps_ms": ms([b[0] - a[1] for a, b in zip(done, done[1:])]),
+               "step_period_ms": ms([b[0] - a[0] for a, b in zip(done, done[1:])])}
+        if on_cuda:
+            row["model_device_ms"] = statistics.median(c[4][0].elapsed_time(c[4][1])
+                                                       for c in done)
+        return row
+
+    engine._step, decoder.decode_step = timed_step, timed_model
+    try:
+        plain = one_run()
+        profiler[0] = cProfile.Profile()
+        profiled = one_run()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler[0], stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(30)
+        (out / "decode-profile.txt").write_text(text.getvalue())
+    finally:
+        engine._step, decoder.decode_step = step, model_call
+    return {"plain": plain, "under_cprofile": profiled}
 
 
 def bench_engine(lm: LoadedModel, rows: int, **settings) -> NativeEngine:
@@ -418,6 +493,7 @@ def main() -> None:
         return {"batches": rows, "eager_batches": eager}
 
     decode = run("decode", decode_rows, {"batches": [], "eager_batches": []})
+    run("decode_profile", lambda: decode_profile(engine, args.tokens, Path(args.out)))
     rows, eager_rows = decode["batches"], decode["eager_batches"]
     near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
     # the neighbour's prompt tokens: with its reply (3 x --tokens) inside the 32K context on
@@ -573,6 +649,15 @@ def report(result: dict, args, dtype, near: int, budgets: list[int], flex, prefi
               f"{eager_rows[0]['per_stream_decode_tokens_per_s']:.0f} tok/s per stream; "
               f"graphs captured: {counts[0]}, replayed: {counts[1]} (none on CPU: "
               f"the static steps run eagerly there)")
+    prof = result.get("decode_profile", {}).get("plain", {})
+    if "step_period_ms" in prof:
+        device_ms = (f", on the device {prof['model_device_ms']:.2f} ms"
+                     if "model_device_ms" in prof else "")
+        print(f"one stream's decode step: every {prof['step_period_ms']:.2f} ms = step "
+              f"{prof['step_wall_ms']:.2f} ms (the model's call {prof['model_call_ms']:.2f} ms"
+              f"{device_ms}; the rest of the step {prof['step_outside_model_ms']:.2f} ms) + "
+              f"the loop between steps {prof['between_steps_ms']:.2f} ms; cProfile's top "
+              f"functions in decode-profile.txt")
     print()
     if prefill:
         from bench.kv_bench import prefill_table
