@@ -204,7 +204,8 @@ def neighbour_rate(engine: NativeEngine, tok, batch: int, tokens: int,
     return {**row, "neighbour_prompt_tokens": len(tok(text)["input_ids"])}
 
 
-def decode_profile(engine: NativeEngine, tokens: int, out: Path) -> dict:
+def decode_profile(engine: NativeEngine, tokens: int, out: Path,
+                   name: str = "decode-profile.txt") -> dict:
     """Where one stream's decode step spends its time: the engine's step (wall), the model's
     part of it (`decode_step`, wall to return and, on CUDA, the device's own time between
     events around it) and the loop outside the step; then the same run under cProfile on the
@@ -272,7 +273,7 @@ def decode_profile(engine: NativeEngine, tokens: int, out: Path) -> dict:
         stats = pstats.Stats(profiler[0], stream=text)
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(30)
-        (out / "decode-profile.txt").write_text(text.getvalue())
+        (out / name).write_text(text.getvalue())
     finally:
         engine._step, decoder.decode_step = step, model_call
     return {"plain": plain, "under_cprofile": profiled}
@@ -281,13 +282,17 @@ def decode_profile(engine: NativeEngine, tokens: int, out: Path) -> dict:
 def bench_engine(lm: LoadedModel, rows: int, **settings) -> NativeEngine:
     """The engine the decode rows run on: fully batched, no vision cache, Eagle2.5's prompt;
     in a CPU dry run the GPU's static decode steps run eagerly instead of from graphs."""
+    settings = {"compile_decode": True, **settings}  # as the server runs on CUDA
     engine = NativeEngine(lm, EngineSettings(max_running=rows, max_queue=rows,
                                              batch_invariant=False, vision_cache_tiles=0,
                                              media=MediaSettings(prompt_style="eagle2.5"),
                                              **settings),
                           context_length=32768 if lm.device.type == "cuda" else 16384)
-    if lm.device.type != "cuda":
-        engine.decoder.graphs = DecodeGraphs(engine.decoder, rows, capture=False)
+    if lm.device.type != "cuda":  # compiled by Inductor's C++ backend in the dry run
+        compiled = settings["compile_decode"] and engine.settings.attention == "gather"
+        engine.decoder.graphs = DecodeGraphs(engine.decoder, rows, capture=False,
+                                             compile=compiled)
+        engine.decoder.graphs.warm()
     return engine
 
 
@@ -364,13 +369,16 @@ class Sections:
     traceback and the parts after it still run; gpu.json is rewritten after every part, so a
     run stopped by its time limit keeps what it measured (the first GPU run must report)."""
 
-    def __init__(self, out: Path, result: dict) -> None:
-        self.out, self.result = out, result
+    def __init__(self, out: Path, result: dict, skip: set[str] = frozenset()) -> None:
+        self.out, self.result, self.skip = out, result, skip
         out.mkdir(parents=True, exist_ok=True)
         result.setdefault("errors", {})
         result.setdefault("section_s", {})
 
     def __call__(self, name: str, fn, default=None):
+        if name in self.skip:
+            print(f"[gpu.py] {name} skipped (--skip)", flush=True)
+            return default
         start = time.perf_counter()
         print(f"[gpu.py] {name} ...", flush=True)
         try:
@@ -437,12 +445,16 @@ def main() -> None:
                    "(0: one pass; default 512,2048,8192,0 on CUDA, 256,0 on a CPU)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s (default: by device)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    p.add_argument("--skip", default="", help="parts not to run, by name (comma-separated: "
+                   "image_breakdown, device_tiles_max_abs_diff_levels, grpc, decode, "
+                   "decode_profile, uncompiled, neighbour, prefill_budget, flex, "
+                   "generate_tokens_per_s, mob_tower)")
     args = p.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
     result: dict = {"machine": machine()}
-    run = Sections(Path(args.out), result)
+    run = Sections(Path(args.out), result, {x for x in args.skip.split(",") if x})
     if args.tiny:
         tokenizer, vocab_note = train_tokenizer(), "the tiny model's 668-token tokenizer"
         raw = tiny_config(len(tokenizer))
@@ -490,12 +502,31 @@ def main() -> None:
                     eager.append(batch_rate(engine, b, args.tokens))
                 finally:
                     engine.decoder.graphs = graphs
-        return {"batches": rows, "eager_batches": eager}
+        return {"batches": rows, "eager_batches": eager,
+                "compile_s": graphs.warm_s if graphs is not None else None,
+                "compile_error": graphs.compile_error if graphs is not None else None}
 
     decode = run("decode", decode_rows, {"batches": [], "eager_batches": []})
     run("decode_profile", lambda: decode_profile(engine, args.tokens, Path(args.out)))
-    rows, eager_rows = decode["batches"], decode["eager_batches"]
+
+    def uncompiled_rows() -> dict:
+        """Batch 1 and `near` again from graphs of the uncompiled step (the first runs'
+        engine), with the same profile: what compiling the step bought."""
+        engine.decoder.graphs = DecodeGraphs(engine.decoder, max(batches),
+                                             capture=graphs.capture,
+                                             max_keys=engine.context_length)
+        try:
+            return {"batches": [batch_rate(engine, b, args.tokens)
+                                for b in sorted({1, near})],
+                    "profile": decode_profile(engine, args.tokens, Path(args.out),
+                                              "decode-profile-uncompiled.txt")}
+        finally:
+            engine.decoder.graphs = graphs
+
     near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
+    if graphs is not None and graphs.compile:
+        run("uncompiled", uncompiled_rows)
+    rows, eager_rows = decode["batches"], decode["eager_batches"]
     # the neighbour's prompt tokens: with its reply (3 x --tokens) inside the 32K context on
     # CUDA, and inside the dry run's one-context (2,048-token) flex pool on a CPU
     long_prompt = 31_000 if on_cuda else 1_900
@@ -649,15 +680,34 @@ def report(result: dict, args, dtype, near: int, budgets: list[int], flex, prefi
               f"{eager_rows[0]['per_stream_decode_tokens_per_s']:.0f} tok/s per stream; "
               f"graphs captured: {counts[0]}, replayed: {counts[1]} (none on CPU: "
               f"the static steps run eagerly there)")
-    prof = result.get("decode_profile", {}).get("plain", {})
-    if "step_period_ms" in prof:
+    decode = result.get("decode", {})
+    if decode.get("compile_error"):
+        print(f"compiling the decode step failed (graphs of the uncompiled step served): "
+              f"{decode['compile_error']}")
+    elif decode.get("compile_s"):
+        print(f"the decode step compiled (torch.compile, batch 1 and batch 2+) in "
+              f"{decode['compile_s']:.1f} s at engine start")
+    for title, prof, where in (
+            ("compiled", result.get("decode_profile", {}).get("plain", {}),
+             "decode-profile.txt"),
+            ("uncompiled", result.get("uncompiled", {}).get("profile", {}).get("plain", {}),
+             "decode-profile-uncompiled.txt")):
+        if "step_period_ms" not in prof:
+            continue
         device_ms = (f", on the device {prof['model_device_ms']:.2f} ms"
                      if "model_device_ms" in prof else "")
-        print(f"one stream's decode step: every {prof['step_period_ms']:.2f} ms = step "
-              f"{prof['step_wall_ms']:.2f} ms (the model's call {prof['model_call_ms']:.2f} ms"
-              f"{device_ms}; the rest of the step {prof['step_outside_model_ms']:.2f} ms) + "
-              f"the loop between steps {prof['between_steps_ms']:.2f} ms; cProfile's top "
-              f"functions in decode-profile.txt")
+        print(f"one stream's decode step ({title}): every {prof['step_period_ms']:.2f} ms = "
+              f"step {prof['step_wall_ms']:.2f} ms (the model's call "
+              f"{prof['model_call_ms']:.2f} ms{device_ms}; the rest of the step "
+              f"{prof['step_outside_model_ms']:.2f} ms) + the loop between steps "
+              f"{prof['between_steps_ms']:.2f} ms; cProfile's top functions in {where}")
+    for r in result.get("uncompiled", {}).get("batches", []):
+        mine = by_batch.get(r["batch"])
+        print(f"batch {r['batch']} from graphs of the uncompiled step: "
+              f"{r['per_stream_decode_tokens_per_s']:.0f} tok/s per stream"
+              + (f" (compiled: {mine['per_stream_decode_tokens_per_s']:.0f}, "
+                 f"{mine['per_stream_decode_tokens_per_s'] / r['per_stream_decode_tokens_per_s']:.2f}x)"
+                 if mine else ""))
     print()
     if prefill:
         from bench.kv_bench import prefill_table

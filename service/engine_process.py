@@ -94,6 +94,7 @@ def build_engine(s: Settings):
         token_budget=s.token_budget, chunk_above=s.chunk_above,
         max_itl_slowdown=s.max_itl_slowdown, kv_cache_mb=s.kv_cache_mb,
         kv_block_size=s.kv_block_size, prefix_cache=s.prefix_cache, attention=s.attention,
+        compile_decode=s.compile_decode,
         preprocess_workers=s.preprocess_workers, step_timeout_s=s.step_timeout_s,
         video_workers=s.video_workers, video_memory_mb=s.video_memory_mb, media=media,
         tenants=_shares(s)),

@@ -74,6 +74,10 @@ class Settings:
     attention: str = _s("gather", "engine", "decode attention: gather (SDPA over each row's "
                         "gathered blocks) or flex (FlexAttention over the pool, compiled on "
                         "CUDA)")
+    compile_decode: bool = _s(True, "engine", "on CUDA, compile the decode step with "
+                              "torch.compile before capturing its CUDA graphs (fewer, fused "
+                              "kernels; compiled once at start, before SERVING; gather "
+                              "attention only)")
     engine_process: bool = _s(True, "engine", "run the model in a child process with its own "
                               "GIL, restarted when it dies")
     engine_restarts: int = _s(3, "engine", "engine-process deaths tolerated within the window; "

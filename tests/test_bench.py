@@ -39,14 +39,21 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert "decoy" not in run.stderr
     tmp_path = out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "gpu-bench.log", "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
+        "decode-profile-uncompiled.txt", "decode-profile.txt", "gpu-bench.log",
+        "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
+    # the decode step compiled (Inductor on the CPU) and profiled both ways
+    assert "function calls" in (tmp_path / "decode-profile.txt").read_text()
     tests_log = (tmp_path / "gpu-tests.log").read_text()
-    assert "8 skipped" in tests_log or "passed" in tests_log
+    assert "10 skipped" in tests_log or "passed" in tests_log
     bench_log = (tmp_path / "gpu-bench.log").read_text()
     for line in ("One 13-tile image in process:", "TTFT over gRPC: 4032x3024 JPEG",
                  "Eagle2-9B's towers (tiny shapes)",
                  "plain transformers generate()", "the same engine without CUDA graphs: batch 1",
                  "batch 4 beside one ",
+                 "the decode step compiled (torch.compile, batch 1 and batch 2+) in ",
+                 "one stream's decode step (compiled): every ",
+                 "one stream's decode step (uncompiled): every ",
+                 "batch 4 from graphs of the uncompiled step: ",
                  "flex attention (FlexAttention over the block tables, CUDA graphs off): "
                  "batch 4 ",
                  "### Targets (H200, Eagle2-1B shapes): a CPU dry run"):
@@ -59,6 +66,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert [r["batch"] for r in data["flex"]["batches"]] == [4]
     assert data["flex"]["neighbour"]["per_stream_decode_tokens_per_s"] > 0
     assert data["errors"] == {}  # every part ran; a failed part is recorded here instead
+    assert data["decode"]["compile_error"] == "" and data["decode"]["compile_s"] > 0
+    assert [r["batch"] for r in data["uncompiled"]["batches"]] == [1, 4]
+    assert data["decode_profile"]["plain"]["steps"] >= 8
     assert set(data["section_s"]) >= {"grpc", "decode", "neighbour", "prefill_budget", "flex",
                                       "generate_tokens_per_s", "mob_tower"}
     grpc = data["grpc"]

@@ -241,3 +241,70 @@ def test_static_decode_steps_for_cuda_graphs_match_the_dynamic_path(tiny) -> Non
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
             tokens, positions = a.argmax(-1), positions + 1
         assert static.pool.counts().used == sum(-(-(n + 6) // 16) for n in lengths)
+
+
+def test_the_compiled_decode_step_computes_the_eager_step_and_writes_the_same_keys(tiny) -> None:
+    """What a GPU captures with --compile-decode (torch.compile's step), run here by Inductor
+    on the CPU: compiled once for batch 1 and once for larger batches by warm(), then every
+    bucket (batch 8, 256 then 512 keys) without another compile, logits as the eager path's
+    and the keys and values it wrote in the pool equal to the eager path's."""
+    import torch._dynamo
+
+    from service.engine.graphs import DecodeGraphs
+
+    torch._dynamo.reset()
+    lm = tiny.model.language_model
+    ids = torch.randint(0, 600, (400,), generator=torch.Generator().manual_seed(2))
+    lengths = [250, 12, 254, 90, 3]
+    eager, compiled = Decoder(lm, 8), Decoder(lm, 8)
+    compiled.graphs = DecodeGraphs(compiled, 8, capture=False, compile=True)
+    with torch.inference_mode():
+        assert compiled.graphs.warm() > 0
+        assert compiled.graphs.compile_error == ""
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        tables = {}
+        for dec in (eager, compiled):
+            tables[dec] = [dec.reserve(n + 6) for n in lengths]
+            for table, n in zip(tables[dec], lengths):
+                dec.prefill(lm.model.embed_tokens(ids[:n]), table)
+        tokens, positions = ids[lengths], torch.tensor(lengths)
+        for _ in range(6):  # rows 0 and 2 cross from 256 to 512 keys
+            a = eager.decode_step(tokens, positions, tables[eager])
+            b = compiled.decode_step(tokens, positions, tables[compiled], int(positions.max()))
+            assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            tokens, positions = a.argmax(-1), positions + 1
+        one = compiled.decode_step(tokens[:1], positions[:1], tables[compiled][:1],
+                                   int(positions[0]))
+        assert one.shape == (1, lm.config.vocab_size)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile
+        for layer in range(len(eager.layers)):
+            for row in range(len(lengths)):
+                for store in ("k", "v"):
+                    mine = getattr(eager.pool, store)[layer][:, tables[eager][row]]
+                    theirs = getattr(compiled.pool, store)[layer][:, tables[compiled][row]]
+                    assert torch.allclose(mine, theirs, atol=1e-5), (layer, row, store)
+
+
+def test_a_decode_step_that_fails_to_compile_runs_uncompiled(tiny, monkeypatch, caplog) -> None:
+    """An Inductor failure (a torch build without a compiler, an op it cannot lower) is
+    logged once, recorded, and the step runs eagerly with the same results."""
+    from service.engine.graphs import DecodeGraphs
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    lm = tiny.model.language_model
+    dec = Decoder(lm, 2)
+    dec.graphs = DecodeGraphs(dec, 2, capture=False, compile=True)
+    with torch.inference_mode():
+        dec.graphs.warm()
+        assert dec.graphs.compile_error == "RuntimeError: InductorError: no C++ compiler"
+        table = dec.reserve(20)
+        dec.prefill(lm.model.embed_tokens(torch.arange(10)), table)
+        logits = dec.decode_step(torch.tensor([3]), torch.tensor([10]), [table], 10)
+    assert logits.shape == (1, lm.config.vocab_size)
+    assert caplog.text.count("compiling the decode step failed") == 1

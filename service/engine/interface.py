@@ -29,6 +29,9 @@ class EngineSettings:
     # exact per-job results whatever the batch (see llm.py); None: on for CPU, off for CUDA
     batch_invariant: bool | None = None
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, not invariant)
+    # those graphs captured from the torch.compile'd step (gather attention); the server's
+    # --compile-decode turns it on, engines built in code (tests, tools) opt in
+    compile_decode: bool = False
     # Stall-free prefill of long prompts: a prompt over `chunk_above` tokens is prefilled in
     # chunks, one per decode step, each as large as the per-iteration token budget leaves
     # after the running streams' decode rows (one token each; at least MIN_CHUNK), so the

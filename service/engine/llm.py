@@ -66,6 +66,9 @@ class _StepPlan:
     flex: object | None = None  # the FlexAttention BlockMask of the rows' tables (`flex`)
 
 
+_IDLE = _StepPlan([], [])  # no step under way
+
+
 @dataclass
 class _Span:
     """A prompt (or a chunk of one) in a pass: its rows of the pass, where its keys go and,
@@ -607,6 +610,12 @@ class Decoder:
         every row over m * block size keys with its mask made on the device. Nothing is read
         back to the host and no tensor is allocated by shape from data, so the step can be
         captured once as a CUDA graph and replayed (`DecodeGraphs`)."""
+        return self.static_body(tokens, positions, blocks)
+
+    def static_body(self, tokens: torch.Tensor, positions: torch.Tensor,
+                    blocks: torch.Tensor) -> torch.Tensor:
+        """`static_decode` without its inference-mode wrapper: what `torch.compile` takes
+        (`DecodeGraphs(compile=True)`; the caller is already in inference mode)."""
         b, m = blocks.shape
         t = m * self.block_size
         size = self.block_size
@@ -623,4 +632,7 @@ class Decoder:
         cos, sin = self.body.rotary_emb(x, positions[None])
         for i, layer in enumerate(self.layers):
             x = self._attend(layer, x, cos, sin, i)
+        # the plan holds the batch size and step tensors: not left behind, so that a compiled
+        # step has no Python state to rebuild (which would fix the batch size it was traced at)
+        self._step = _IDLE
         return self.lm.lm_head(_norm(self.body.norm, x)[0])

@@ -106,8 +106,9 @@ class NativeEngine(Admitting, Prefilling, Decoding):
                                   floor=settings.kv_block_size)
                        if settings.max_itl_slowdown else None)
         if loaded.device.type == "cuda" and not invariant and settings.cuda_graphs:
-            self.decoder.graphs = DecodeGraphs(self.decoder, settings.max_running,
-                                               max_keys=self.context_length)
+            self.decoder.graphs = DecodeGraphs(
+                self.decoder, settings.max_running, max_keys=self.context_length,
+                compile=settings.compile_decode and settings.attention == "gather")
         # Decode steps and short prompts of a small model on CPU are too short to share among
         # threads: waking the OpenMP team costs more than it saves (a 35-token prompt of the
         # tiny model: 1.2 ms on one thread, 2.8 ms on two). Vision and long prompts keep every
@@ -262,6 +263,13 @@ class NativeEngine(Admitting, Prefilling, Decoding):
     def _loop(self) -> None:
         if self._cuda_index is not None:
             torch.cuda.set_device(self._cuda_index)
+        graphs = self.decoder.graphs
+        if isinstance(graphs, DecodeGraphs) and graphs.compile:  # before any job: see warm()
+            took = graphs.warm()
+            if graphs.compile_error:
+                log.warning("the decode step runs uncompiled: %s", graphs.compile_error)
+            else:
+                log.info("decode step compiled in %.1f s", took)
         while True:
             with self._cv:
                 idle = not self._has_work()
