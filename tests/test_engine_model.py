@@ -246,7 +246,7 @@ def test_static_decode_steps_for_cuda_graphs_match_the_dynamic_path(tiny) -> Non
 def test_the_compiled_decode_step_computes_the_eager_step_and_writes_the_same_keys(tiny) -> None:
     """What a GPU captures with --compile-decode (torch.compile's step), run here by Inductor
     on the CPU: compiled once for batch 1 and once for larger batches by warm(), then every
-    bucket (batch 8, 256 then 512 keys) without another compile, logits as the eager path's
+    bucket (batch 8, 256 then 512 keys, the widest) without another compile, logits as the eager path's
     and the keys and values it wrote in the pool equal to the eager path's."""
     import torch._dynamo
 
@@ -257,7 +257,9 @@ def test_the_compiled_decode_step_computes_the_eager_step_and_writes_the_same_ke
     ids = torch.randint(0, 600, (400,), generator=torch.Generator().manual_seed(2))
     lengths = [250, 12, 254, 90, 3]
     eager, compiled = Decoder(lm, 8), Decoder(lm, 8)
-    compiled.graphs = DecodeGraphs(compiled, 8, capture=False, compile=True)
+    # sized for 512 keys: the rows crossing 256 reach the widest bucket, whose table view
+    # once became contiguous and recompiled the step (the sixth H200 run)
+    compiled.graphs = DecodeGraphs(compiled, 8, capture=False, compile=True, max_keys=512)
     with torch.inference_mode():
         assert compiled.graphs.warm() > 0
         assert compiled.graphs.compile_error == ""
@@ -308,3 +310,32 @@ def test_a_decode_step_that_fails_to_compile_runs_uncompiled(tiny, monkeypatch, 
         logits = dec.decode_step(torch.tensor([3]), torch.tensor([10]), [table], 10)
     assert logits.shape == (1, lm.config.vocab_size)
     assert caplog.text.count("compiling the decode step failed") == 1
+
+
+def test_once_warm_a_step_that_would_compile_again_runs_uncompiled(tiny, caplog) -> None:
+    """After warm(), a step the guards did not foresee (here a contiguous block table, the
+    layout that once recompiled the step for a minute mid-serving) is not compiled: it runs
+    uncompiled, with the uncompiled step's result, and is counted and logged once."""
+    import torch._dynamo
+
+    from service.engine.graphs import DecodeGraphs
+
+    torch._dynamo.reset()
+    lm = tiny.model.language_model
+    dec = Decoder(lm, 4)
+    dec.graphs = DecodeGraphs(dec, 4, capture=False, compile=True, max_keys=512)
+    with torch.inference_mode():
+        dec.graphs.warm()
+        assert dec.graphs.compile_error == "" and dec.graphs.warmed
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        table = dec.reserve(40)
+        dec.prefill(lm.model.embed_tokens(torch.arange(30)), table)
+        tokens, positions = torch.tensor([3, 3]), torch.tensor([30, 30])
+        blocks = dec._padded([table, table], 16).contiguous()  # not a view of the buffer
+        for _ in range(2):
+            out = dec.graphs._step(tokens, positions, blocks)
+        expected = dec.static_body(tokens, positions, blocks)
+    assert torch.equal(out, expected)
+    assert dec.graphs.uncompiled_steps == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert caplog.text.count("would have compiled again while serving") == 1

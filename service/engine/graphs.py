@@ -49,12 +49,20 @@ class DecodeGraphs:
         self.compile = compile
         self.compile_error = ""
         self.warm_s = 0.0  # what warm() took (the compiles)
+        self.warmed = False  # after warm(): no further compiles (see _step)
+        self.uncompiled_steps = 0  # steps that would have compiled again, run uncompiled
         self.batches = sorted({b for b in self.BATCHES if b < max_rows} | {max_rows})
         device = decoder.device
         self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
         width = max(self.MIN_KEYS, 1 << (max_keys - 1).bit_length()) // decoder.block_size
-        self.blocks = torch.zeros(max_rows, width, dtype=torch.long, device=device)
+        # One column more than any step uses: a step's table view (rows, m) is then never
+        # contiguous, even at the widest bucket (m == width), so the compiled step sees the
+        # same layout at every key length. The sixth H200 run: a 31K-token row reached the
+        # widest bucket, its view became contiguous, and the guard on that recompiled the
+        # step (a minute) in the middle of serving.
+        self.blocks = torch.zeros(max_rows, width + 1, dtype=torch.long, device=device)
+        self.width = width
         self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0
@@ -71,7 +79,7 @@ class DecodeGraphs:
         b = tokens.shape[0]
         batch, t = self.shapes(b, longest)
         m = t // self.dec.block_size
-        if m > self.blocks.shape[1]:  # beyond what the graphs were sized for: run eagerly
+        if m > self.width:  # beyond what the graphs were sized for: run eagerly
             return self.dec.forward(tokens, positions, tables)
         self.tokens[:b].copy_(tokens)
         self.tokens[b:batch].zero_()
@@ -126,14 +134,25 @@ class DecodeGraphs:
                 for t in args:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(blocks, 1)
+            # Once warm, a step that would compile again (a layout or size the guards did not
+            # foresee) runs uncompiled instead: a compile takes about a minute on the GPU
+            # machine, every running stream would wait on it and the watchdog could take
+            # it for a wedged device.
+            stance = "fail_on_recompile" if self.warmed else "default"
             try:
-                with fx_config.patch(use_duck_shape=False):
+                with fx_config.patch(use_duck_shape=False), torch.compiler.set_stance(stance):
                     out = self._body(*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an Inductor failure: run uncompiled
-                self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
-                log.exception("compiling the decode step failed; running it uncompiled")
+                if not self.warmed:
+                    self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.exception("compiling the decode step failed; running it uncompiled")
+                else:
+                    self.uncompiled_steps += 1
+                    if self.uncompiled_steps == 1:
+                        log.warning("a decode step would have compiled again while serving; "
+                                    "it runs uncompiled (%s)", str(exc).splitlines()[0][:300])
             else:
                 return out
         return self.dec.static_body(*args)
@@ -154,4 +173,5 @@ class DecodeGraphs:
         if self.dec.device.type == "cuda":
             torch.cuda.synchronize(self.dec.device)
         self.warm_s = time.perf_counter() - start
+        self.warmed = True
         return self.warm_s
