@@ -2,6 +2,7 @@
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 50051
+HTTP_PORT ?= 8080
 MODEL ?= tiny
 # The torch and torchvision installed when they are not both importable: the pair that lies
 # on this project's machines (a CUDA build that runs on the CPU too). torchvision is needed
@@ -45,6 +46,9 @@ install:
 protos:
 	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTO_SRC)
+	$(PYTHON) -m grpc_tools.protoc -Iprotos \
+		--plugin=protoc-gen-connectrpc=$$($(PYTHON) -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent / "protoc-gen-connectrpc")') \
+		--connectrpc_out=protos --connectrpc_opt=protobuf=google $(PROTO_SRC)
 	$(PYTHON) protos/check_contract.py --buf $(BUF)
 
 proto-baseline:
@@ -58,8 +62,8 @@ tiny-model:
 
 serve:
 	mkdir -p $(DEMO_DIR)/media
-	$(PYTHON) -m service --host $(HOST) --port $(PORT) --model $(MODEL) \
-		--media-root $(DEMO_DIR)/media
+	$(PYTHON) -m service --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) \
+		--model $(MODEL) --media-root $(DEMO_DIR)/media
 
 demo:
 	$(PYTHON) -m client.demo --server $(HOST):$(PORT) --media-dir $(DEMO_DIR)/media

@@ -75,6 +75,18 @@ def rich_status(code: grpc.StatusCode, message: str, field: str = "", retry_ms: 
     """A google.rpc.Status with BadRequest (the field) or RetryInfo (overload) attached, and
     `trailers` sent beside it in the trailing metadata."""
     message = bounded(message)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message,
+                               details=status_details(message, field, retry_ms))
+    out = rpc_status.to_status(status)
+    if trailers:
+        out = _Status(out.code, out.details, tuple(out.trailing_metadata) + tuple(trailers))
+    return out
+
+
+def status_details(message: str, field: str = "", retry_ms: int = 0) -> list[any_pb2.Any]:
+    """The details every transport attaches to an error: BadRequest naming the field that
+    was wrong, RetryInfo with the wait before a retry (gRPC's status details, Connect's
+    error details)."""
     details = []
     if field:
         bad = error_details_pb2.BadRequest(field_violations=[
@@ -84,12 +96,7 @@ def rich_status(code: grpc.StatusCode, message: str, field: str = "", retry_ms: 
         info = error_details_pb2.RetryInfo()
         info.retry_delay.FromMilliseconds(retry_ms)
         details.append(_pack(info))
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message,
-                               details=details)
-    out = rpc_status.to_status(status)
-    if trailers:
-        out = _Status(out.code, out.details, tuple(out.trailing_metadata) + tuple(trailers))
-    return out
+    return details
 
 
 class _Status(grpc.Status):

@@ -29,14 +29,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
         sent = sent if isinstance(sent, str) else bytes(sent).decode("latin-1")
-        scheme, _, token = sent.strip().partition(" ")
-        found = self._tenants.match(token.strip().encode("latin-1", "replace"))
-        if scheme.lower() == "bearer" and found is not None:
+        why = denial(self._tenants, sent)
+        if not why:
             return await continuation(details)
-        handler = await continuation(details)
-        why = ("missing authorization metadata: send 'authorization: Bearer <token>'"
-               if not sent else "the bearer token is not valid")
-        return _deny(handler, why)
+        return _deny(await continuation(details), why)
+
+
+def denial(tenants: Tenants, sent: str) -> str:
+    """Why an `authorization` value (metadata or HTTP header) is refused, "" if it is a
+    valid `Bearer <token>`: the one check of both ports."""
+    scheme, _, token = sent.strip().partition(" ")
+    found = tenants.match(token.strip().encode("latin-1", "replace"))
+    if scheme.lower() == "bearer" and found is not None:
+        return ""
+    return ("missing authorization metadata: send 'authorization: Bearer <token>'"
+            if not sent else "the bearer token is not valid")
 
 
 def _deny(handler: grpc.RpcMethodHandler | None, why: str) -> grpc.RpcMethodHandler:

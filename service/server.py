@@ -116,6 +116,14 @@ class EagleServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_reflection(self.server, (SERVICE, health.SERVICE_NAME))
         self.port = self._bind()
+        self.http = None  # the chat service over HTTP (service.http), when --http-port
+        if settings.http_port:
+            from service.http import HttpApp, HttpServer
+
+            app = HttpApp(self.servicer, self.tenants, self.state,
+                          lambda: not getattr(self.engine, "wedged", False),
+                          settings.max_request_bytes)
+            self.http = HttpServer(app, settings.host, settings.http_port)
         self.health_server = None  # plaintext health for probes beside a TLS port
         if settings.health_port:
             self.health_server = grpc.aio.server()
@@ -145,6 +153,8 @@ class EagleServer:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         if self.settings.warmup:
             await asyncio.to_thread(warm_up, self.engine)
         self.state.ready = True
@@ -196,7 +206,10 @@ class EagleServer:
         # yet handed to us (clients see CANCELLED, which they must not retry); a moment of
         # clean UNAVAILABLE refusals first lets every client move away.
         await asyncio.sleep(delay)
-        await self.server.stop(grace)
+        if self.http is not None:  # both ports drain at once, within the one grace period
+            await asyncio.gather(self.server.stop(grace), self.http.stop(grace))
+        else:
+            await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
         await asyncio.to_thread(self.engine.drain, 0)
@@ -244,6 +257,8 @@ class BackgroundServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self.call(self.app.server.stop(grace))
+        if self.app.http is not None:
+            self.call(self.app.http.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 

@@ -5,7 +5,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import grpc
 from eagle.v1 import chat_pb2, chat_pb2_grpc
@@ -62,13 +62,68 @@ def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
     return ""
 
 
+class CallContext(Protocol):
+    """What the servicer needs of a call's transport: gRPC (`GrpcContext`) and HTTP, Connect
+    and gRPC-Web (`service.http`) each give it, so every rule is written once, here."""
+
+    peer: str
+
+    def header(self, key: str) -> str:
+        """A request header (gRPC metadata) by its lower-case name; "" when absent."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left of the client's deadline, None when it sent none."""
+
+    def set_trailer(self, key: str, value: str) -> None:
+        """Sent back with the reply, success or error (gRPC trailing metadata)."""
+
+    def common_name(self) -> str:
+        """The client certificate's common name under mutual TLS, else ""."""
+
+    async def abort(self, code: grpc.StatusCode, message: str, field: str, retry_ms: int,
+                    extra: tuple[tuple[str, str], ...]) -> NoReturn:
+        """End the call with this status, its details (field, retry) and extra trailers."""
+
+
+class GrpcContext:
+    """CallContext over grpc.aio's ServicerContext."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.context = context
+        # read now: grpc.aio crashes (a segfault) on peer() once a cancelled call has ended
+        self.peer = context.peer()
+
+    def header(self, key: str) -> str:
+        return _metadata_value(self.context, key)
+
+    def time_remaining(self) -> float | None:
+        return self.context.time_remaining()
+
+    def set_trailer(self, key: str, value: str) -> None:
+        self.context.set_trailing_metadata(((key, value),))
+
+    def common_name(self) -> str:
+        try:
+            found = (self.context.auth_context() or {}).get("x509_common_name") or ()
+        except Exception:  # noqa: BLE001 - a transport without an auth context
+            found = ()
+        if not found:
+            return ""
+        return found[0].decode("utf-8", "replace") if isinstance(found[0], bytes) \
+            else str(found[0])
+
+    async def abort(self, code: grpc.StatusCode, message: str, field: str, retry_ms: int,
+                    extra: tuple[tuple[str, str], ...]) -> NoReturn:
+        await self.context.abort_with_status(rich_status(code, message, field, retry_ms,
+                                                         extra))
+
+
 class _Call:
     """Bookkeeping of one Chat/StreamChat RPC: id, timing, metrics, cancellation, one log line."""
 
-    def __init__(self, owner: ChatServicer, method: str, context: grpc.aio.ServicerContext):
+    def __init__(self, owner: ChatServicer, method: str, context: CallContext):
         self.owner, self.method, self.context = owner, method, context
-        # read now: grpc.aio crashes (a segfault) on peer() once a cancelled call has ended
-        self.peer = context.peer()
+        self.peer = context.peer
         self.start = time.monotonic()
         self.code = "CANCELLED"  # until proven otherwise: a client that goes away
         self.rid = ""
@@ -88,8 +143,8 @@ class _Call:
         if isinstance(request, Undecodable):
             raise RequestError("request", f"the message is not a valid eagle.v1."
                                           f"{request.message} ({request.why[:200]})")
-        self.rid = converters.request_id(request, _metadata_value(self.context, REQUEST_ID_KEY))
-        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
+        self.rid = converters.request_id(request, self.context.header(REQUEST_ID_KEY))
+        self.context.set_trailer(REQUEST_ID_KEY, self.rid)
         self._token = logs.request_id.set(self.rid)
         self.owner.ledger.write("accepted", self.rid, method=self.method)
         self.owner.state.check()
@@ -98,7 +153,7 @@ class _Call:
             remaining = self.owner.default_deadline_s
         job = converters.to_job(request, self.owner.limits, self.rid, remaining,
                                 self.tenant.name,
-                                _metadata_value(self.context, converters.PRIORITY_KEY))
+                                self.context.header(converters.PRIORITY_KEY))
         if self.span is not None and self.span.is_recording():
             self.span.set_attributes({"eagle.request_id": self.rid,
                                       "eagle.tenant": self.tenant.name,
@@ -147,7 +202,7 @@ class _Call:
             self.owner.metrics.refusals.labels(self.tenant.label, limit).inc()
         if self.span is not None:  # abort_with_status bypasses the instrumentation's context
             self.owner.tracing.failed(self.span, code, message)
-        await self.context.abort_with_status(rich_status(code, message, field, retry, extra))
+        await self.context.abort(code, message, field, retry, extra)
 
     def close(self) -> None:
         if self.stream is not None and not self.stream.done.is_set():
@@ -196,8 +251,28 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.calls = 0  # Chat/StreamChat calls started, and those not yet ended
         self.active = 0
 
+    # the gRPC methods: the contract's names over the transport-neutral ones below
     async def Chat(self, request: chat_pb2.ChatRequest,  # noqa: N802 (the contract's name)
                    context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
+        return await self.chat(request, GrpcContext(context))
+
+    async def StreamChat(self, request: chat_pb2.StreamChatRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
+        chunks = self.stream_chat(request, GrpcContext(context))
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:  # a cancelled call ends the job now, not when the generator is collected
+            await chunks.aclose()
+
+    async def GetModelInfo(self, request: chat_pb2.GetModelInfoRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext
+                           ) -> chat_pb2.GetModelInfoResponse:
+        return self.model_info(GrpcContext(context))
+
+    async def chat(self, request: chat_pb2.ChatRequest | Undecodable,
+                   context: CallContext) -> chat_pb2.ChatResponse:
         call = _Call(self, "Chat", context)
         try:
             async for event in call.submit(request):
@@ -215,9 +290,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             call.close()
 
-    async def StreamChat(self, request: chat_pb2.StreamChatRequest,  # noqa: N802
-                         context: grpc.aio.ServicerContext
-                         ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
+    async def stream_chat(self, request: chat_pb2.StreamChatRequest | Undecodable,
+                          context: CallContext
+                          ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
         call = _Call(self, "StreamChat", context)
         try:
             async for event in call.submit(request):
@@ -236,9 +311,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             call.close()
 
-    async def GetModelInfo(self, request: chat_pb2.GetModelInfoRequest,  # noqa: N802
-                           context: grpc.aio.ServicerContext
-                           ) -> chat_pb2.GetModelInfoResponse:
+    def model_info(self, context: CallContext) -> chat_pb2.GetModelInfoResponse:
         info = self.engine.info()
         return chat_pb2.GetModelInfoResponse(
             model_name=info.model_name, model_type=info.model_type,
@@ -251,19 +324,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             kv_block_size=info.kv_block_size, kv_cache_blocks=info.kv_blocks,
             tenant=self.tenant_info(self.tenant_of(context)))
 
-    def tenant_of(self, context: grpc.aio.ServicerContext) -> TenantPolicy:
-        """The caller's tenant: by its bearer token (the auth interceptor has checked it), by
-        its client certificate's common name under mutual TLS, else `default`."""
-        name = ""
-        if not self.tenants.auth:
-            try:
-                found = (context.auth_context() or {}).get("x509_common_name") or ()
-            except Exception:  # noqa: BLE001 - a transport without an auth context
-                found = ()
-            if found:
-                name = found[0].decode("utf-8", "replace") if isinstance(found[0], bytes) \
-                    else str(found[0])
-        return self.tenants.identify(_metadata_value(context, "authorization"), name)
+    def tenant_of(self, context: CallContext) -> TenantPolicy:
+        """The caller's tenant: by its bearer token (the transport has checked it), by its
+        client certificate's common name under mutual TLS, else `default`."""
+        name = "" if self.tenants.auth else context.common_name()
+        return self.tenants.identify(context.header("authorization"), name)
 
     def tenant_info(self, tenant: TenantPolicy) -> chat_pb2.TenantInfo:
         """What the caller may use of this replica and what it uses now."""

@@ -165,6 +165,9 @@ class Settings:
     port: int = _s(50051, "network", "the gRPC port")
     health_port: int = _s(0, "network", "a plaintext port serving only grpc.health.v1, for "
                           "probes when the gRPC port has TLS (0: none)")
+    http_port: int = _s(0, "network", "a port serving the chat service over HTTP/1.1: the "
+                        "Connect protocol (JSON or binary; curl, fetch) and gRPC-Web, plus "
+                        "GET /healthz and /readyz; plaintext, same host (0: off)")
     max_concurrent_rpcs: int = _s(0, "network", "calls the server holds at once",
                                   default_text="0: running + queued + 64")
     grace_seconds: float = _s(30.0, "network", "seconds running calls get to finish after "
@@ -221,6 +224,14 @@ class Settings:
         if not self.tls and not loopback and not self.insecure:
             raise ValueError(f"refusing to serve plaintext on {self.host}: give --tls-cert and "
                              f"--tls-key, or --insecure when a mesh sidecar terminates TLS")
+        if self.http_port and not loopback and not self.insecure:
+            raise ValueError(f"refusing to serve plaintext HTTP on {self.host}:{self.http_port}: "
+                             f"the HTTP port has no TLS of its own; give --insecure when an "
+                             f"ingress or mesh sidecar terminates TLS in front of it")
+        if self.http_port and self.http_port in (self.port, self.health_port,
+                                                 self.metrics_port):
+            raise ValueError(f"--http-port {self.http_port} is already the gRPC, health or "
+                             f"metrics port")
         for root in self.media_roots:
             if not Path(root).is_dir():
                 raise ValueError(f"media root {root!r} is not a directory")
