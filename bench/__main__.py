@@ -9,7 +9,7 @@ from pathlib import Path
 from bench.common import machine, write_json
 
 SECTIONS = ("preprocess", "engine", "serving", "structured", "fleet", "family", "kv",
-            "tenants")
+            "tenants", "http")
 
 
 def main() -> None:
@@ -64,6 +64,10 @@ def main() -> None:
             from bench import tenants_bench
 
             text, data = tenants_bench.run(out)
+        elif section == "http":
+            from bench import http_bench
+
+            text, data = http_bench.run(out)
         else:
             from bench import kv_bench
 

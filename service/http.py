@@ -85,7 +85,7 @@ class ConnectContext:
         self.ctx.response_trailers[key] = value
 
     def common_name(self) -> str:
-        return ""  # the HTTP port is plaintext (TLS ends at the ingress in front of it)
+        return ""  # not read on this port (the settings refuse mTLS tenants without tokens)
 
     async def abort(self, code: grpc.StatusCode, message: str, field: str, retry_ms: int,
                     extra: tuple[tuple[str, str], ...]) -> NoReturn:
@@ -197,12 +197,21 @@ class HttpServer:
     """uvicorn serving `HttpApp` on the running event loop (the gRPC server's), started and
     stopped with it."""
 
-    def __init__(self, app: HttpApp, host: str, port: int) -> None:
+    def __init__(self, app: HttpApp, host: str, port: int,
+                 tls: tuple[str, str, str] | None = None) -> None:
+        import ssl
+
         import uvicorn
 
+        secure = {}
+        if tls is not None:  # the gRPC port's certificate and, for mutual TLS, its CA
+            cert, key, client_ca = tls
+            secure = {"ssl_certfile": cert, "ssl_keyfile": key}
+            if client_ca:
+                secure.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.config = uvicorn.Config(app, host=host, port=port, log_config=None,
                                      access_log=False, lifespan="off",
-                                     timeout_graceful_shutdown=None)
+                                     timeout_graceful_shutdown=None, **secure)
         self.server = uvicorn.Server(self.config)
         self.server.install_signal_handlers = lambda: None  # the gRPC server owns signals
         self._task: asyncio.Task | None = None

@@ -123,7 +123,9 @@ class EagleServer:
             app = HttpApp(self.servicer, self.tenants, self.state,
                           lambda: not getattr(self.engine, "wedged", False),
                           settings.max_request_bytes)
-            self.http = HttpServer(app, settings.host, settings.http_port)
+            self.http = HttpServer(app, settings.host, settings.http_port,
+                                   tls=(settings.tls_cert, settings.tls_key,
+                                        settings.tls_client_ca) if settings.tls else None)
         self.health_server = None  # plaintext health for probes beside a TLS port
         if settings.health_port:
             self.health_server = grpc.aio.server()

@@ -167,7 +167,8 @@ class Settings:
                           "probes when the gRPC port has TLS (0: none)")
     http_port: int = _s(0, "network", "a port serving the chat service over HTTP/1.1: the "
                         "Connect protocol (JSON or binary; curl, fetch) and gRPC-Web, plus "
-                        "GET /healthz and /readyz; plaintext, same host (0: off)")
+                        "GET /healthz and /readyz; same host, and TLS when the gRPC port has "
+                        "it (0: off)")
     max_concurrent_rpcs: int = _s(0, "network", "calls the server holds at once",
                                   default_text="0: running + queued + 64")
     grace_seconds: float = _s(30.0, "network", "seconds running calls get to finish after "
@@ -224,10 +225,12 @@ class Settings:
         if not self.tls and not loopback and not self.insecure:
             raise ValueError(f"refusing to serve plaintext on {self.host}: give --tls-cert and "
                              f"--tls-key, or --insecure when a mesh sidecar terminates TLS")
-        if self.http_port and not loopback and not self.insecure:
-            raise ValueError(f"refusing to serve plaintext HTTP on {self.host}:{self.http_port}: "
-                             f"the HTTP port has no TLS of its own; give --insecure when an "
-                             f"ingress or mesh sidecar terminates TLS in front of it")
+        if self.http_port and self.tls_client_ca and not (self.auth_token
+                                                          or self.auth_token_file):
+            raise ValueError("--http-port with --tls-client-ca names tenants by certificate, "
+                             "which the HTTP port cannot read yet: give the tenants bearer "
+                             "tokens (--auth-token or --auth-token-file) or leave the HTTP "
+                             "port off")
         if self.http_port and self.http_port in (self.port, self.health_port,
                                                  self.metrics_port):
             raise ValueError(f"--http-port {self.http_port} is already the gRPC, health or "

@@ -45,7 +45,7 @@ def test_every_eagle_variable_is_a_setting_and_the_server_accepts_them(container
     assert (s.host, s.port, s.insecure, s.device) == ("0.0.0.0", 50051, True, "cuda")
     assert s.model.startswith("/models/")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": s.port, "metrics": s.metrics_port}
+    assert ports == {"grpc": s.port, "http": s.http_port, "metrics": s.metrics_port}
     # the tuning comes from the ConfigMap's file, mounted where EAGLE_CONFIG says
     config = literal_env(container)["EAGLE_CONFIG"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")

@@ -216,3 +216,36 @@ def test_tls_without_client_ca_accepts_any_client(tiny, pki) -> None:
                          timeout=10) as client:
             assert client.chat("hi", max_new_tokens=1).usage.completion_tokens == 1
     engine.drain(0)
+
+
+def test_the_http_port_takes_the_grpc_ports_certificate(tiny, pki) -> None:
+    """With TLS on, the HTTP port is HTTPS with the same certificate: a client trusting the
+    CA gets its answer, a plaintext request is not served; mutual TLS without tokens is
+    refused at start-up (the HTTP port cannot name tenants by certificate)."""
+    import json
+    import socket
+    import ssl
+    import urllib.request
+
+    from service.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http = s.getsockname()[1]
+    engine = make_engine(tiny)
+    with RunningServer(engine, tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
+                       http_port=http):
+        trust = ssl.create_default_context(cafile=str(pki["good_ca"]))
+        req = urllib.request.Request(
+            f"https://localhost:{http}/eagle.v1.ChatService/Chat", method="POST",
+            data=json.dumps({"messages": [{"role": "ROLE_USER", "parts": [{"text": "hi"}]}],
+                             "generation": {"maxNewTokens": 2}}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=trust, timeout=30) as r:
+            assert json.loads(r.read())["usage"]["completionTokens"] == 2
+        with pytest.raises(OSError):  # plaintext to the TLS port: no HTTP answer
+            urllib.request.urlopen(f"http://localhost:{http}/readyz", timeout=5).read()
+    engine.drain(0)
+    with pytest.raises(ValueError, match="^--http-port with --tls-client-ca names tenants"):
+        Settings(tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
+                 tls_client_ca=str(pki["good_ca"]), http_port=8080).check()

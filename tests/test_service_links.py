@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import k8s
@@ -69,11 +70,15 @@ def test_the_link_builder_follows_kubelets_rules() -> None:
     links = service_links(OURS["eagle-grpc"], "10.96.0.12")
     assert links == {
         "EAGLE_GRPC_SERVICE_HOST": "10.96.0.12", "EAGLE_GRPC_SERVICE_PORT": "50051",
-        "EAGLE_GRPC_SERVICE_PORT_GRPC": "50051", "EAGLE_GRPC_SERVICE_PORT_METRICS": "9090",
+        "EAGLE_GRPC_SERVICE_PORT_GRPC": "50051", "EAGLE_GRPC_SERVICE_PORT_HTTP": "8080",
+        "EAGLE_GRPC_SERVICE_PORT_METRICS": "9090",
         "EAGLE_GRPC_PORT": "tcp://10.96.0.12:50051",
         "EAGLE_GRPC_PORT_50051_TCP": "tcp://10.96.0.12:50051",
         "EAGLE_GRPC_PORT_50051_TCP_PROTO": "tcp", "EAGLE_GRPC_PORT_50051_TCP_PORT": "50051",
         "EAGLE_GRPC_PORT_50051_TCP_ADDR": "10.96.0.12",
+        "EAGLE_GRPC_PORT_8080_TCP": "tcp://10.96.0.12:8080",
+        "EAGLE_GRPC_PORT_8080_TCP_PROTO": "tcp", "EAGLE_GRPC_PORT_8080_TCP_PORT": "8080",
+        "EAGLE_GRPC_PORT_8080_TCP_ADDR": "10.96.0.12",
         "EAGLE_GRPC_PORT_9090_TCP": "tcp://10.96.0.12:9090",
         "EAGLE_GRPC_PORT_9090_TCP_PROTO": "tcp", "EAGLE_GRPC_PORT_9090_TCP_PORT": "9090",
         "EAGLE_GRPC_PORT_9090_TCP_ADDR": "10.96.0.12"}
@@ -89,7 +94,7 @@ def test_service_links_are_set_aside_and_a_typo_is_still_refused(tmp_path) -> No
                       + [(USERS_EAGLE, "10.96.0.77")], container)
     loaded = settings_mod.load_all([], env=env)
     links = {k for k in env if k.startswith("EAGLE_") and k not in container}
-    assert set(loaded.ignored_variables) == links and len(links) == 25
+    assert set(loaded.ignored_variables) == links and len(links) == 30
     # EAGLE_PORT is the Deployment's own 50051 (it wins over the `eagle` Service's link)
     assert (loaded.settings.port, loaded.settings.metrics_port) == (50051, 9090)
     # without the Deployment's EAGLE_PORT, the `eagle` Service's tcp:// URL is a link, not a
@@ -119,9 +124,10 @@ def test_the_server_starts_to_serving_with_what_kubelet_gives_it(tmp_path, tiny_
     """The Deployment's variables (the model, device, port and host made local) plus every
     service link of the manifests' Services and of a Service named `eagle`: SERVING, and
     one INFO line naming the variables it ignored."""
-    port, metrics = _free_port(), _free_port()
+    port, metrics, http = _free_port(), _free_port(), _free_port()
     container = {**k8s.pod_env(k8s.container(), tmp_path), "EAGLE_MODEL": "tiny", "EAGLE_DEVICE": "cpu", "EAGLE_HOST": "127.0.0.1",
                  "EAGLE_PORT": str(port), "EAGLE_METRICS_PORT": str(metrics),
+                 "EAGLE_HTTP_PORT": str(http),
                  "EAGLE_METRICS_HOST": "127.0.0.1", "EAGLE_CACHE_DIR": str(tiny_dir.parent),
                  "EAGLE_ENGINE_PROCESS": "false", "EAGLE_LOG_FORMAT": "text"}
     env = kubelet_env([(s, "10.96.0.12") for s in OURS.values()]
@@ -147,11 +153,14 @@ def test_the_server_starts_to_serving_with_what_kubelet_gives_it(tmp_path, tiny_
             time.sleep(0.2)
         assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()[-3000:]
         channel.close()
+        # the Deployment's HTTP port too, as an HTTP-only load balancer checks it
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=10) as r:
+            assert (r.status, r.read()) == (200, b"ok\n")
     finally:
         proc.terminate()
         proc.wait(60)
     text = log.read_text()
     [line] = [x for x in text.splitlines() if "Kubernetes service-link variable" in x]
-    assert "ignored 25 Kubernetes service-link variable(s): EAGLE_GRPC_PORT, " in line
+    assert "ignored 30 Kubernetes service-link variable(s): EAGLE_GRPC_PORT, " in line
     assert "EAGLE_PORT_50051_TCP_ADDR" in line and "EAGLE_SERVICE_HOST" in line
     assert "unknown setting" not in text
