@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import statistics
 import threading
 import time
 from pathlib import Path
