@@ -197,7 +197,7 @@ class HttpServer:
     """uvicorn serving `HttpApp` on the running event loop (the gRPC server's), started and
     stopped with it."""
 
-    def __init__(self, app: HttpApp, host: str, port: int,
+    def __init__(self, app, host: str, port: int,
                  tls: tuple[str, str, str] | None = None) -> None:
         import ssl
 

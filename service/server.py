@@ -123,6 +123,8 @@ class EagleServer:
             app = HttpApp(self.servicer, self.tenants, self.state,
                           lambda: not getattr(self.engine, "wedged", False),
                           settings.max_request_bytes)
+            if tracing is not None:
+                app = tracing.asgi(app)
             self.http = HttpServer(app, settings.host, settings.http_port,
                                    tls=(settings.tls_cert, settings.tls_key,
                                         settings.tls_client_ca) if settings.tls else None)

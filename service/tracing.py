@@ -76,6 +76,15 @@ class Tracing:
         quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
         return aio_server_interceptor(self.provider, filter_=filters.negate(quiet))
 
+    def asgi(self, app: Any) -> Any:
+        """The HTTP port's application with a server span per request (the caller's
+        traceparent continued), health checks left out as on the gRPC port."""
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        return OpenTelemetryMiddleware(app, tracer_provider=self.provider,
+                                       excluded_urls="/healthz,/readyz",
+                                       exclude_spans=["receive", "send"])
+
     def current_span(self) -> Any:
         return self._trace.get_current_span()
 

@@ -209,3 +209,53 @@ def test_the_server_process_exports_the_trace_over_otlp(tiny_dir) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         collector.stop(0)
+
+
+def test_an_http_request_gets_the_same_span_tree(tiny, traced) -> None:
+    """A Connect JSON request to the HTTP port: a server span continuing the caller's
+    traceparent, the engine's stages under it, the request's attributes; health unspanned."""
+    import base64
+    import json
+    import socket
+    import urllib.request
+
+    from conftest import make_engine
+
+    tracing, exporter = traced
+    engine = make_engine(tiny)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    body = {"requestId": "traced-1", "generation": {"maxNewTokens": 3, "ignoreEos": True},
+            "messages": [{"role": "ROLE_USER", "parts": [
+                {"image": {"data": base64.b64encode(PHOTO).decode()}},
+                {"text": "What is in this picture?"}]}]}
+    try:
+        with RunningServer(engine, tracing=tracing, http_port=port):
+            exporter.clear()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/eagle.v1.ChatService/Chat", method="POST",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "traceparent": TRACEPARENT})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                reply = json.loads(r.read())
+            end = time.monotonic() + 5
+            while not any(s.kind is SpanKind.SERVER for s in exporter.get_finished_spans()):
+                assert time.monotonic() < end, "no server span"
+                time.sleep(0.01)
+            spans = exporter.get_finished_spans()
+            [server] = [s for s in spans if s.kind is SpanKind.SERVER]
+            assert server.name == "POST /eagle.v1.ChatService/Chat"
+            assert format(server.context.trace_id, "032x") == TRACE_ID
+            assert format(server.parent.span_id, "016x") == PARENT_ID
+            children = {s.name for s in spans
+                        if s.parent and s.parent.span_id == server.context.span_id}
+            assert children == STAGES
+            assert server.attributes["eagle.request_id"] == "traced-1"
+            assert server.attributes["eagle.completion_tokens"] == 3
+            assert reply["usage"]["completionTokens"] == 3
+            exporter.clear()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).read()
+            assert exporter.get_finished_spans() == ()
+    finally:
+        engine.drain(0)
