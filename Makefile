@@ -42,6 +42,9 @@ install:
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_SPEC)
 	$(PYTHON) -m pip install -e ".[server,dev]"
+	@# the TypeScript client's dependencies and code generator (its tests need Node.js)
+	if command -v npm >/dev/null; then npm ci --prefix clients/ts --no-audit --no-fund; \
+	else echo "npm not found: the TypeScript client's tests will be skipped"; fi
 
 protos:
 	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
@@ -49,6 +52,7 @@ protos:
 	$(PYTHON) -m grpc_tools.protoc -Iprotos \
 		--plugin=protoc-gen-connectrpc=$$($(PYTHON) -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent / "protoc-gen-connectrpc")') \
 		--connectrpc_out=protos --connectrpc_opt=protobuf=google $(PROTO_SRC)
+	$(BUF) generate --template clients/ts/buf.gen.yaml
 	$(PYTHON) protos/check_contract.py --buf $(BUF)
 
 proto-baseline:
