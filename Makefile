@@ -10,6 +10,8 @@ MODEL ?= tiny
 # CPU-only torch file that is also on disk. An installed pair is kept as it is.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROTO_SRC := protos/eagle/v1/chat.proto
+ESBUILD ?= clients/ts/node_modules/.bin/esbuild
+ESBUILD_FLAGS := --bundle --format=esm --minify --target=es2022 --legal-comments=none --log-level=warning
 # The Buf CLI (the dev extra's buf-bin) lints the contract and guards it against breaking
 # changes; the baseline is the contract as released, updated only by `make proto-baseline`.
 BUF ?= buf
@@ -20,12 +22,13 @@ BENCH_OUT ?= bench/results
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 2000
 
-.PHONY: help install protos proto-baseline serve demo test lint bench gpu-kit tiny-model fuzz soak docs clean
+.PHONY: help install protos web proto-baseline serve demo test lint bench gpu-kit tiny-model fuzz soak docs clean
 
 help:
 	@echo "install     install the project with the server and dev extras"
 	@echo "protos      regenerate protos/eagle/v1/*_pb2*.py(i) and check the contract builds"
 	@echo "            for Go and Java with its declared go_package/java_package"
+	@echo "web         rebuild the HTTP port's playground script (service/static/playground.js)"
 	@echo "proto-baseline  make the current contract the one buf breaking compares against"
 	@echo "serve       run the server on $(HOST):$(PORT) with the embedded tiny model"
 	@echo "demo        make a sample image and video and call the running server"
@@ -53,7 +56,13 @@ protos:
 		--plugin=protoc-gen-connectrpc=$$($(PYTHON) -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent / "protoc-gen-connectrpc")') \
 		--connectrpc_out=protos --connectrpc_opt=protobuf=google $(PROTO_SRC)
 	$(BUF) generate --template clients/ts/buf.gen.yaml
+	$(MAKE) web
 	$(PYTHON) protos/check_contract.py --buf $(BUF)
+
+# The HTTP port's playground script: the TypeScript client and the page's code, bundled
+# (checked in, so the server needs no Node.js; a test fails when it is stale).
+web:
+	$(ESBUILD) $(ESBUILD_FLAGS) clients/ts/playground/main.ts --outfile=service/static/playground.js
 
 proto-baseline:
 	$(BUF) build --exclude-source-info -o $(PROTO_BASELINE)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -141,7 +142,8 @@ class ConnectChat:
 
 class HttpApp:
     """The ASGI application of the HTTP port: the chat service under /eagle.v1.ChatService/,
-    health under /healthz (alive) and /readyz (takes new calls), 404 elsewhere."""
+    the playground at /, health under /healthz (alive) and /readyz (takes new calls), 404
+    elsewhere."""
 
     def __init__(self, servicer: ChatServicer, tenants: Tenants, state: ServingState,
                  alive, max_request_bytes: int) -> None:
@@ -161,6 +163,11 @@ class HttpApp:
         path = scope["path"]
         if path.startswith(self.prefix):
             await self.chat(scope, receive, send)
+        elif path in STATIC and scope["method"] in ("GET", "HEAD"):
+            await _static(send, *STATIC[path], head=scope["method"] == "HEAD")
+        elif path == "/favicon.ico":  # browsers ask for it: no icon, and no 404 logged
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
         elif path in ("/healthz", "/readyz") and scope["method"] in ("GET", "HEAD"):
             if path == "/healthz":
                 ok, why = self.alive(), "the engine is wedged"
@@ -173,6 +180,28 @@ class HttpApp:
         else:
             await _text(send, 404, f"no such path: {path} (the chat service is at "
                                    f"{self.prefix}Chat, StreamChat and GetModelInfo)\n")
+
+
+# The playground (GET /): a page and its script, bundled from clients/ts by `make web`.
+_STATIC_DIR = Path(__file__).parent / "static"
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/index.html": ("index.html", "text/html; charset=utf-8"),
+          "/playground.js": ("playground.js", "text/javascript; charset=utf-8")}
+# the page runs only its own script and talks only to this origin; media previews are blobs
+_CSP = (b"default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
+        b"connect-src 'self'; img-src 'self' blob:; media-src 'self' blob:; "
+        b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+async def _static(send, name: str, kind: str, head: bool) -> None:
+    data = (_STATIC_DIR / name).read_bytes()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", kind.encode()),
+                            (b"content-length", str(len(data)).encode()),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-content-type-options", b"nosniff"),
+                            (b"content-security-policy", _CSP)]})
+    await send({"type": "http.response.body", "body": b"" if head else data})
 
 
 async def _lifespan(receive, send) -> None:

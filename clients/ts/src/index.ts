@@ -45,6 +45,10 @@ export interface ClientOptions {
 
 export interface ChatOptions {
   images?: ImageInput[];
+  /** Short videos as encoded files (MP4, WebM...), sampled into frames by the server. */
+  videos?: ImageInput[];
+  /** Frames to sample from each video (0: the server's default). */
+  videoFrames?: number;
   /** An optional system message before the prompt. */
   system?: string;
   maxNewTokens?: number;
@@ -175,6 +179,10 @@ async function messages(prompt: string, o: ChatOptions): Promise<MessageInitShap
   const parts: MessageInitShape<typeof PartSchema>[] = [];
   for (const image of o.images ?? []) {
     parts.push({ kind: { case: "image", value: { source: { case: "data", value: await bytesOf(image) } } } });
+  }
+  for (const video of o.videos ?? []) {
+    parts.push({ kind: { case: "video", value: { source: { case: "data", value: await bytesOf(video) },
+                                                 numFrames: o.videoFrames ?? 0 } } });
   }
   parts.push({ kind: { case: "text", value: prompt } });
   out.push({ role: Role.USER, parts });
