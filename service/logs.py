@@ -18,7 +18,9 @@ class _RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """Fields: ts, level, logger, msg, request_id, plus any `extra=` given to the call."""
 
-    _BUILTIN = set(vars(logging.makeLogRecord({}))) | {"request_id", "message", "asctime"}
+    # color_message: uvicorn's copy of its message with terminal colours, for its own console
+    _BUILTIN = set(vars(logging.makeLogRecord({}))) | {"request_id", "message", "asctime",
+                                                       "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
