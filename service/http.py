@@ -204,6 +204,24 @@ async def _static(send, name: str, kind: str, head: bool) -> None:
     await send({"type": "http.response.body", "body": b"" if head else data})
 
 
+# What a browser page on another origin may send and read (Connect's and gRPC-Web's own
+# headers, and this service's): the preflight's answer and the headers exposed to scripts.
+CORS_REQUEST_HEADERS = ("content-type", "connect-protocol-version", "connect-timeout-ms",
+                        "grpc-timeout", "x-grpc-web", "x-user-agent", "authorization",
+                        "x-request-id", "x-eagle-priority", "traceparent", "tracestate")
+CORS_EXPOSED_HEADERS = ("grpc-status", "grpc-message", "grpc-status-details-bin",
+                        "x-request-id", "retry-after", "grpc-retry-pushback-ms")
+
+
+def cors(app, origins: list[str]):
+    """`app` answering cross-origin calls from `origins` (Starlette's CORS middleware)."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, allow_origins=origins, allow_methods=("GET", "POST"),
+                          allow_headers=CORS_REQUEST_HEADERS,
+                          expose_headers=CORS_EXPOSED_HEADERS, max_age=7200)
+
+
 async def _lifespan(receive, send) -> None:
     while True:
         message = await receive()

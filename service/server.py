@@ -118,11 +118,13 @@ class EagleServer:
         self.port = self._bind()
         self.http = None  # the chat service over HTTP (service.http), when --http-port
         if settings.http_port:
-            from service.http import HttpApp, HttpServer
+            from service.http import HttpApp, HttpServer, cors
 
             app = HttpApp(self.servicer, self.tenants, self.state,
                           lambda: not getattr(self.engine, "wedged", False),
                           settings.max_request_bytes)
+            if settings.cors_origins:
+                app = cors(app, settings.cors_origins)
             if tracing is not None:
                 app = tracing.asgi(app)
             self.http = HttpServer(app, settings.host, settings.http_port,

@@ -169,6 +169,9 @@ class Settings:
                         "Connect protocol (JSON or binary; curl, fetch) and gRPC-Web, plus "
                         "GET /healthz and /readyz; same host, and TLS when the gRPC port has "
                         "it (0: off)")
+    http_cors_origins: str = _s("", "network", "comma-separated origins (scheme://host[:port], "
+                                "or *) whose browser pages may call the HTTP port (CORS)",
+                                default_text="none: only the pages it serves itself")
     max_concurrent_rpcs: int = _s(0, "network", "calls the server holds at once",
                                   default_text="0: running + queued + 64")
     grace_seconds: float = _s(30.0, "network", "seconds running calls get to finish after "
@@ -200,6 +203,10 @@ class Settings:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.http_cors_origins.split(",") if o.strip()]
 
     @property
     def tls(self) -> bool:
@@ -235,6 +242,10 @@ class Settings:
                                                  self.metrics_port):
             raise ValueError(f"--http-port {self.http_port} is already the gRPC, health or "
                              f"metrics port")
+        for origin in self.cors_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s:]+(:\d+)?", origin):
+                raise ValueError(f"--http-cors-origins {origin!r}: give an origin as "
+                                 f"scheme://host[:port] (no path), or * for any")
         for root in self.media_roots:
             if not Path(root).is_dir():
                 raise ValueError(f"media root {root!r} is not a directory")

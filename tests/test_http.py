@@ -288,3 +288,38 @@ def test_the_readme_curl_commands(web) -> None:
                          timeout=60, check=True).stdout
     got = frames(out)
     assert got[-1][0] == 2 and json.loads(got[-2][1])["usage"]["completionTokens"] > 0
+
+
+def test_cors_lets_only_the_named_origins_call_from_a_browser(tiny) -> None:
+    """--http-cors-origins: a preflight from a named origin is answered with what Connect
+    and this service send and expose; another origin gets no allowance; the flag refuses an
+    origin with a path."""
+    from service.settings import Settings
+
+    engine = make_engine(tiny)
+    srv = RunningServer(engine, http_port=free_port(),
+                        http_cors_origins="https://app.example.com, http://localhost:3000")
+    url = f"http://127.0.0.1:{srv.app.http_port}/eagle.v1.ChatService/Chat"
+    try:
+        pre = urllib.request.Request(url, method="OPTIONS", headers={
+            "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,connect-protocol-version,"
+                                              "authorization,x-eagle-priority"})
+        with urllib.request.urlopen(pre, timeout=10) as r:
+            assert r.status == 200
+            assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+            allowed = r.headers["access-control-allow-headers"].lower()
+            assert {"connect-protocol-version", "authorization", "x-eagle-priority"} <= {
+                h.strip() for h in allowed.split(",")}
+        status, headers, body = post(url, json.dumps(HI).encode(),
+                                     headers={"Origin": "http://localhost:3000"})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "x-request-id" in headers["access-control-expose-headers"].lower()
+        status, headers, _ = post(url, json.dumps(HI).encode(),
+                                  headers={"Origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in {k.lower() for k in headers}
+    finally:
+        srv.stop()
+        engine.drain(0)
+    with pytest.raises(ValueError, match="give an origin as scheme://host"):
+        Settings(http_port=8080, http_cors_origins="https://app.example.com/path").check()
