@@ -323,3 +323,48 @@ def test_cors_lets_only_the_named_origins_call_from_a_browser(tiny) -> None:
         engine.drain(0)
     with pytest.raises(ValueError, match="give an origin as scheme://host"):
         Settings(http_port=8080, http_cors_origins="https://app.example.com/path").check()
+
+
+@pytest.mark.parametrize("protocol", ["CONNECT", "GRPC_WEB"])
+def test_errors_auth_and_deadlines_over_binary_connect_and_grpc_web(tiny, protocol) -> None:
+    """The official Connect client in binary over each protocol: the same codes, messages
+    and field paths as the gRPC port for a bad field, a missing token and a deadline."""
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+    from connectrpc.protocol import ProtocolType
+    from eagle.v1.chat_connect import ChatServiceClientSync
+
+    engine = make_engine(tiny)
+    srv = RunningServer(engine, http_port=free_port(), auth_token="web:s3cret")
+    url = f"http://127.0.0.1:{srv.app.http_port}"
+    kind = ProtocolType[protocol]
+
+    def request(tokens: int, **gen) -> chat_pb2.ChatRequest:
+        req = chat_pb2.ChatRequest(generation=chat_pb2.GenerationConfig(
+            max_new_tokens=tokens, **gen))
+        req.messages.add(role=chat_pb2.ROLE_USER).parts.add(text="Hi")
+        return req
+
+    auth = {"authorization": "Bearer s3cret"}
+    try:
+        with ChatServiceClientSync(url, protocol=kind) as c:
+            with pytest.raises(ConnectError) as e:
+                c.chat(request(10**6), headers=auth)
+            assert e.value.code is Code.INVALID_ARGUMENT
+            assert e.value.message.startswith("generation.max_new_tokens: ")
+            [detail] = e.value.details
+            assert detail.type_name == "google.rpc.BadRequest"
+            bad = error_details_pb2.BadRequest.FromString(detail.message_bytes)
+            assert bad.field_violations[0].field == "generation.max_new_tokens"
+            with pytest.raises(ConnectError) as e:
+                c.chat(request(1))
+            assert e.value.code is Code.UNAUTHENTICATED
+            assert e.value.message == ("missing authorization metadata: send "
+                                       "'authorization: Bearer <token>'")
+            with pytest.raises(ConnectError) as e:
+                c.chat(request(4000, ignore_eos=True), headers=auth, timeout_ms=300)
+            assert e.value.code is Code.DEADLINE_EXCEEDED
+            assert c.chat(request(3), headers=auth).usage.completion_tokens == 3
+    finally:
+        srv.stop()
+        engine.drain(0)
