@@ -5,7 +5,7 @@ import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
 import { EagleClient, EagleError } from "../dist/index.js";
-import { connectTransport, grpcTransport } from "../dist/node.js";
+import { connectTransport, grpcTransport, grpcWebTransport } from "../dist/node.js";
 
 const { EAGLE_GRPC_URL, EAGLE_HTTP_URL, EAGLE_TOKEN, EAGLE_PHOTO } = process.env;
 const token = EAGLE_TOKEN;
@@ -13,6 +13,7 @@ const transports = {
   grpc: () => grpcTransport(EAGLE_GRPC_URL),
   "connect binary": () => connectTransport(EAGLE_HTTP_URL),
   "connect json": () => connectTransport(EAGLE_HTTP_URL, { json: true }),
+  "grpc-web": () => grpcWebTransport(EAGLE_HTTP_URL),
 };
 const photo = new Uint8Array(readFileSync(EAGLE_PHOTO));
 
@@ -49,7 +50,7 @@ test("images from a Uint8Array and from a Blob", async () => {
 });
 
 test("a bad request names the field, on both protocols", async () => {
-  for (const make of [transports.grpc, transports["connect json"]]) {
+  for (const make of [transports.grpc, transports["connect json"], transports["grpc-web"]]) {
     const eagle = new EagleClient({ transport: make(), token });
     await assert.rejects(eagle.chat("Hi", { maxNewTokens: 1_000_000 }), (e) => {
       assert.ok(e instanceof EagleError);
@@ -63,7 +64,7 @@ test("a bad request names the field, on both protocols", async () => {
 });
 
 test("the token is required and names the tenant", async () => {
-  for (const make of [transports.grpc, transports["connect binary"]]) {
+  for (const make of [transports.grpc, transports["connect binary"], transports["grpc-web"]]) {
     const anonymous = new EagleClient({ transport: make(), retries: 0 });
     await assert.rejects(anonymous.chat("Hi", { maxNewTokens: 1 }), (e) => {
       assert.equal(e.code, "UNAUTHENTICATED");
