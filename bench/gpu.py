@@ -40,6 +40,7 @@ from service.engine.job import (
     Trace,
     VisionParams,
 )
+from service.engine.kv import blocks_for
 from service.engine.loader import LoadedModel, attention_backend, build_empty
 from service.engine.prepare import MediaSettings
 from service.engine.scheduler import EngineSettings, NativeEngine
@@ -279,6 +280,112 @@ def decode_profile(engine: NativeEngine, tokens: int, out: Path,
     return {"plain": plain, "under_cprofile": profiled}
 
 
+def _kernel_table(prof, limit: int = 30) -> str:
+    on_cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=limit)
+
+
+def _profiled(fn):
+    """(fn's result, the profile): CPU ops of this thread and, on CUDA, every kernel the
+    process ran meanwhile (CUPTI sees kernels launched from any thread, graphs' too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                     else [])
+    with profile(activities=acts) as prof:
+        value = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return value, prof
+
+
+def attention_variants(lm: LoadedModel, n: int, offset: int) -> dict:
+    """One prefill chunk's attention, three ways, on this device: `n` queries after `offset`
+    keys at the model's head shapes. SDPA with enable_gqa and a mask (what a chunk runs now:
+    no fused kernel takes both, so torch may fall back to its math path), the key heads
+    repeated to the query heads (the fused kernels take the mask), and each key head's
+    query heads folded into its queries (the mask repeated). Median ms of 10."""
+    import torch.nn.functional as F
+
+    cfg = lm.model.language_model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // heads
+    dev, dt = lm.device, lm.dtype
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, heads, n, d, generator=g).to(dev, dt)
+    k = torch.randn(1, kv, offset + n, d, generator=g).to(dev, dt)
+    v = torch.randn(1, kv, offset + n, d, generator=g).to(dev, dt)
+    blocked = torch.ones(n, offset + n, dtype=torch.bool, device=dev).triu_(offset + 1)
+    mask = torch.zeros(n, offset + n, dtype=dt, device=dev).masked_fill_(blocked, float("-inf"))
+    group = heads // kv
+
+    def gqa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+    def repeated():
+        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+
+    folded_mask = mask.repeat(group, 1)
+
+    def folded():
+        return F.scaled_dot_product_attention(q.reshape(1, kv, group * n, d), k, v,
+                                              attn_mask=folded_mask)
+
+    out = {"n": n, "offset": offset, "heads": heads, "kv_heads": kv}
+    ref = gqa().float()
+    for name, fn in (("gqa_mask", gqa), ("repeated_kv", repeated), ("folded_heads", folded)):
+        got = fn().float().reshape(ref.shape)
+        out[f"{name}_max_diff"] = float((got - ref).abs().max())
+        times = []
+        for _ in range(10):
+            _sync(dev)
+            start = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append((time.perf_counter() - start) * 1000)
+        out[f"{name}_ms"] = statistics.median(times)
+    return out
+
+
+def kernel_profiles(lm: LoadedModel, engine: NativeEngine, out: Path, prompt: int,
+                    chunk: int) -> dict:
+    """Where the device time goes, kernel by kernel (torch.profiler): one prefill chunk of
+    `chunk` tokens after `prompt - chunk` tokens already in the cache (the second H200
+    session found every chunk costing the streams beside it 110-150 ms whatever its size),
+    and one stream's 32 decode steps from the engine's graphs. Tables in
+    prefill-chunk-kernels.txt and decode-kernels.txt; the chunk's attention three ways."""
+    from service.engine.llm import Decoder
+
+    dec = Decoder(lm.model.language_model, 1, blocks=blocks_for(prompt + 64, 16) + 2)
+    vocab = lm.model.language_model.config.vocab_size
+    ids = torch.randint(0, min(1000, vocab), (prompt,), generator=torch.Generator().manual_seed(0))
+    embeds = lm.model.language_model.model.embed_tokens(ids.to(lm.device))
+    table = dec.reserve(prompt)
+    start = prompt - chunk
+    with torch.inference_mode():
+        for a in range(0, start, 2048):  # the earlier part, as chunks fill it
+            dec.prefill_chunk(embeds[a:min(a + 2048, start)], table, a)
+        dec.prefill_chunk(embeds[start:], table, start)  # once unprofiled: allocator warm
+        _sync(lm.device)
+        t0 = time.perf_counter()
+        _, prof = _profiled(lambda: dec.prefill_chunk(embeds[start:], table, start))
+        chunk_ms = (time.perf_counter() - t0) * 1000
+    (out / "prefill-chunk-kernels.txt").write_text(
+        f"one {chunk}-token chunk after {start} tokens: {chunk_ms:.1f} ms under the "
+        f"profiler\n\n" + _kernel_table(prof))
+    dec = embeds = None  # the pool's memory back before the engine's steps are profiled
+    gc.collect()
+    _, prof = _profiled(lambda: list(engine.submit(text_job("kernels", 32))))
+    (out / "decode-kernels.txt").write_text(
+        "one stream, 32 tokens, from the engine's decode graphs\n\n" + _kernel_table(prof))
+    with torch.inference_mode():
+        variants = attention_variants(lm, chunk, start)
+    return {"chunk_ms_profiled": chunk_ms, "attention": variants}
+
+
 def bench_engine(lm: LoadedModel, rows: int, **settings) -> NativeEngine:
     """The engine the decode rows run on: fully batched, no vision cache, Eagle2.5's prompt;
     in a CPU dry run the GPU's static decode steps run eagerly instead of from graphs."""
@@ -447,7 +554,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     p.add_argument("--skip", default="", help="parts not to run, by name (comma-separated: "
                    "image_breakdown, device_tiles_max_abs_diff_levels, grpc, decode, "
-                   "decode_profile, uncompiled, neighbour, prefill_budget, flex, "
+                   "decode_profile, uncompiled, kernels, neighbour, prefill_budget, flex, "
                    "generate_tokens_per_s, mob_tower)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -526,6 +633,8 @@ def main() -> None:
     near = max(b for b in batches if b <= 16)  # batch 16 on the GPU, 4 in the dry run
     if graphs is not None and graphs.compile:
         run("uncompiled", uncompiled_rows)
+    run("kernels", lambda: kernel_profiles(lm, engine, Path(args.out),
+                                           26_000 if on_cuda else 1_500, 512))
     rows, eager_rows = decode["batches"], decode["eager_batches"]
     # the neighbour's prompt tokens: with its reply (3 x --tokens) inside the 32K context on
     # CUDA, and inside the dry run's one-context (2,048-token) flex pool on a CPU
@@ -701,6 +810,14 @@ def report(result: dict, args, dtype, near: int, budgets: list[int], flex, prefi
               f"{prof['model_call_ms']:.2f} ms{device_ms}; the rest of the step "
               f"{prof['step_outside_model_ms']:.2f} ms) + the loop between steps "
               f"{prof['between_steps_ms']:.2f} ms; cProfile's top functions in {where}")
+    att = result.get("kernels", {}).get("attention")
+    if att:
+        print(f"a prefill chunk's attention ({att['n']} queries after {att['offset']:,} keys, "
+              f"{att['heads']} query / {att['kv_heads']} key heads): SDPA with GQA and a mask "
+              f"{att['gqa_mask_ms']:.2f} ms, key heads repeated {att['repeated_kv_ms']:.2f} ms, "
+              f"query heads folded {att['folded_heads_ms']:.2f} ms (max diff "
+              f"{max(att['repeated_kv_max_diff'], att['folded_heads_max_diff']):.3g}); "
+              f"kernel tables in prefill-chunk-kernels.txt and decode-kernels.txt")
     for r in result.get("uncompiled", {}).get("batches", []):
         mine = by_batch.get(r["batch"])
         print(f"batch {r['batch']} from graphs of the uncompiled step: "

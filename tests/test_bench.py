@@ -39,8 +39,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert "decoy" not in run.stderr
     tmp_path = out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "decode-profile-uncompiled.txt", "decode-profile.txt", "gpu-bench.log",
-        "gpu-tests.log", "gpu-tests.xml", "gpu.json"]
+        "decode-kernels.txt", "decode-profile-uncompiled.txt", "decode-profile.txt",
+        "gpu-bench.log", "gpu-tests.log", "gpu-tests.xml", "gpu.json",
+        "prefill-chunk-kernels.txt"]
     # the decode step compiled (Inductor on the CPU) and profiled both ways
     assert "function calls" in (tmp_path / "decode-profile.txt").read_text()
     tests_log = (tmp_path / "gpu-tests.log").read_text()
@@ -54,6 +55,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
                  "one stream's decode step (compiled): every ",
                  "one stream's decode step (uncompiled): every ",
                  "batch 4 from graphs of the uncompiled step: ",
+                 "a prefill chunk's attention (512 queries after ",
                  "flex attention (FlexAttention over the block tables, CUDA graphs off): "
                  "batch 4 ",
                  "### Targets (H200, Eagle2-1B shapes): a CPU dry run"):
@@ -69,6 +71,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_dir) -> None:
     assert data["decode"]["compile_error"] == "" and data["decode"]["compile_s"] > 0
     assert [r["batch"] for r in data["uncompiled"]["batches"]] == [1, 4]
     assert data["decode_profile"]["plain"]["steps"] >= 8
+    attention = data["kernels"]["attention"]  # three ways to one result
+    assert attention["repeated_kv_max_diff"] < 1e-4 and attention["folded_heads_max_diff"] < 1e-4
+    assert "aten::mm" in (tmp_path / "prefill-chunk-kernels.txt").read_text()
     assert set(data["section_s"]) >= {"grpc", "decode", "neighbour", "prefill_budget", "flex",
                                       "generate_tokens_per_s", "mob_tower"}
     grpc = data["grpc"]
