@@ -56,6 +56,7 @@ protos:
 		--plugin=protoc-gen-connectrpc=$$($(PYTHON) -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent / "protoc-gen-connectrpc")') \
 		--connectrpc_out=protos --connectrpc_opt=protobuf=google $(PROTO_SRC)
 	$(BUF) generate --template clients/ts/buf.gen.yaml
+	$(BUF) generate --template clients/go/buf.gen.yaml
 	$(MAKE) web
 	$(PYTHON) protos/check_contract.py --buf $(BUF)
 
