@@ -272,13 +272,16 @@ def test_sixty_four_concurrent_streams_all_finish(web) -> None:
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("xxd") is None,
                     reason="curl or xxd is not installed")
 def test_the_readme_curl_commands(web) -> None:
-    """docs/http.md's commands, run as written (the port substituted)."""
+    """docs/http.md's commands, which the README shows too, run as written (the port
+    substituted)."""
     from conftest import ROOT
 
     text = (ROOT / "docs" / "http.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
     unary = next(b for b in blocks if "/Chat " in b or b.rstrip().endswith("/Chat"))
     stream = next(b for b in blocks if "StreamChat" in b)
+    readme = (ROOT / "README.md").read_text()
+    assert unary in readme and stream in readme  # the README shows the same two commands
     port = str(web.app.http_port)
     out = subprocess.run(["bash", "-c", unary.replace("8080", port)], capture_output=True,
                          timeout=60, check=True).stdout
