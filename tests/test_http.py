@@ -371,3 +371,23 @@ def test_errors_auth_and_deadlines_over_binary_connect_and_grpc_web(tiny, protoc
     finally:
         srv.stop()
         engine.drain(0)
+
+
+def test_a_body_over_the_limit_is_refused_with_the_limit(tiny) -> None:
+    """--max-request-bytes on the HTTP port: a body beyond it (with JSON's base64 room) is
+    refused before it is parsed, RESOURCE_EXHAUSTED naming the limit, and the port serves on."""
+    engine = make_engine(tiny)
+    srv = RunningServer(engine, http_port=free_port(), max_request_bytes=100_000)
+    url = f"http://127.0.0.1:{srv.app.http_port}/eagle.v1.ChatService/Chat"
+    limit = int(100_000 * 4 / 3) + 64 * 1024
+    try:
+        big = {"messages": [{"role": "ROLE_USER", "parts": [{"text": "x" * 300_000}]}]}
+        status, _, body = post(url, json.dumps(big).encode())
+        assert status == 429 and json.loads(body) == {
+            "code": "resource_exhausted",
+            "message": f"message is larger than configured max {limit}"}
+        status, _, body = post(url, json.dumps(HI).encode())
+        assert status == 200 and json.loads(body)["usage"]["completionTokens"] == 8
+    finally:
+        srv.stop()
+        engine.drain(0)
