@@ -95,20 +95,22 @@ def test_an_image_goes_in_as_base64_bytes(web) -> None:
 
 
 def test_stream_chat_streams_enveloped_json_frames_ending_in_usage(web) -> None:
+    # 32 tokens: enough that a busy machine does not deliver them all in one frame
+    long = {**HI, "generation": {"maxNewTokens": 32, "ignoreEos": True}}
     status, headers, body = post(f"{web.url}/eagle.v1.ChatService/StreamChat",
-                                 envelope(json.dumps(HI).encode()), "application/connect+json")
+                                 envelope(json.dumps(long).encode()), "application/connect+json")
     assert status == 200 and headers["content-type"] == "application/connect+json"
     got = frames(body)
     messages = [json.loads(p) for f, p in got if f == 0]
     end = [json.loads(p) for f, p in got if f == 2]
     assert len(messages) > 2 and all("finishReason" not in m for m in messages[:-1])
     assert messages[-1]["finishReason"] == "FINISH_REASON_LENGTH"
-    assert messages[-1]["usage"]["completionTokens"] == 8
+    assert messages[-1]["usage"]["completionTokens"] == 32
     rid = messages[0]["requestId"]
     assert end == [{"metadata": {"x-request-id": [rid]}}]
     with EagleClient(web.target) as client:
         assert "".join(m.get("text", "") for m in messages) == client.chat(
-            "Hi", max_new_tokens=8).text
+            "Hi", max_new_tokens=32, ignore_eos=True).text
 
 
 def test_connect_binary_and_grpc_web_from_the_connect_client(web) -> None:
@@ -243,9 +245,10 @@ def test_a_closed_connection_ends_the_generation(web) -> None:
         time.sleep(0.02)
     stats = web.app.engine.stats()
     assert stats["in_flight"] == stats["running"] == stats["waiting"] == 0
-    # ended by the disconnect, not by running out its tokens (4,000 take seconds here)
-    assert time.monotonic() - closed < 1.5
+    # ended by the disconnect, not by running out its tokens: counted CANCELLED, not OK,
+    # and well before 4,000 tokens (seconds here) could have been generated
     assert cancelled._value.get() == before + 1
+    assert time.monotonic() - closed < 5
 
 
 def test_sixty_four_concurrent_streams_all_finish(web) -> None:
@@ -261,12 +264,17 @@ def test_sixty_four_concurrent_streams_all_finish(web) -> None:
         results.append(last["usage"]["completionTokens"])
 
     callers = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    peak = [0]
     for t in callers:
         t.start()
+    while any(t.is_alive() for t in callers):  # the server's threads while they stream
+        peak[0] = max(peak[0], threading.active_count() - sum(t.is_alive() for t in callers))
+        time.sleep(0.005)
     for t in callers:
         t.join(120)
     assert results == [6] * 64
-    assert threading.active_count() <= threads_before + 2  # the callers have ended
+    # 64 streams at once, and the server (in this process) grew by a few threads at most
+    assert peak[0] <= threads_before + 4, (peak[0], threads_before)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("xxd") is None,

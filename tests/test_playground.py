@@ -62,7 +62,7 @@ def test_the_playground_streams_an_answer_about_an_image_and_cancels(tiny, brows
             page.set_input_files("#media", str(photo))
             page.wait_for_selector("#preview img")
             page.fill("#prompt", "Describe the image.")
-            page.fill("#maxNewTokens", "24")
+            page.fill("#maxNewTokens", "48")
             page.fill("#maxTiles", "2")
             page.check("#ignoreEos")
             # pieces counted while streaming, before the usage line appears
@@ -80,7 +80,7 @@ def test_the_playground_streams_an_answer_about_an_image_and_cancels(tiny, brows
             assert int(page.get_attribute("#output", "data-pieces")) > 1
             stats = page.text_content("#stats")
             assert stats.startswith("length · ") and "(3 tiles" in stats
-            assert " 24 generated · " in stats
+            assert " 48 generated · " in stats
             assert page.text_content("#output")
             # a long answer, cancelled from the page: the server ends the generation
             cancelled = srv.app.metrics.requests.labels("StreamChat", "CANCELLED", "default")
