@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -119,3 +120,10 @@ def stamp_tokens(streams: list) -> tuple[list[list[float]], list]:
             raise RuntimeError(f"stream {ended[0]} ended before its first token")
         time.sleep(0.01)
     return stamps, readers
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

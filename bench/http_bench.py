@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 
-from bench.common import pct, table, write_json
+from bench.common import free_port, pct, table, write_json
 from service.engine.loader import load_model, resolve_model
 from service.engine.scheduler import EngineSettings, NativeEngine
 from service.server import BackgroundServer
@@ -22,12 +21,6 @@ from service.settings import Settings
 
 CALLS, WARM, STREAMS, STREAM_TOKENS = 300, 30, 64, 32
 TARGET_MS = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chat(tokens: int = 1) -> chat_pb2.ChatRequest:
@@ -206,7 +199,7 @@ def _servers(on: BackgroundServer) -> dict:
         except ImportError:
             out[kind] = {"error": f"{kind} is not installed"}
             continue
-        port = _free_port()
+        port = free_port()
         alt = _Alternative(kind, app, port)
         try:
             on.call(alt.start())
@@ -236,7 +229,7 @@ def run(out: Path) -> tuple[str, dict]:
     finally:
         off.stop()
         off.app.engine.drain(0)
-    port = _free_port()
+    port = free_port()
     on = _server(lm, port)
     try:
         data["grpc_ms"] = _pcts(_timed(_grpc_call(on.target)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,22 +13,16 @@ from pathlib import Path
 import grpc
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 
-from bench.common import pct, table, tree_status
+from bench.common import free_port, pct, table, tree_status
 from client._common import build_request, channel_options
 from tests import factory
 
 TOKENS = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     def __init__(self, max_running: int = 64) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), "protos"]))
         self.proc = subprocess.Popen(

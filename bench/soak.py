@@ -11,7 +11,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,14 +23,8 @@ import grpc
 from eagle.v1 import chat_pb2 as P
 from eagle.v1 import chat_pb2_grpc
 
-from bench.common import table, tree_status, write_json
+from bench.common import free_port, table, tree_status, write_json
 from tests import factory
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -40,7 +33,7 @@ class Server:
     def __init__(self, port: int, media: Path, ledger: Path) -> None:
         self.port, self.media, self.ledger = port, media, ledger
         self.target = f"127.0.0.1:{port}"
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -173,7 +166,7 @@ def run(requests: int, concurrency: int, out: Path | None, seed: int = 7) -> dic
              "poison_video": b"\x1aE\xdf\xa3" + os.urandom(4000),
              "oversize": os.urandom(5 * 1024 * 1024)}
     ledger_file = work / "ledger.jsonl"
-    server = Server(_free_port(), media_dir, ledger_file)
+    server = Server(free_port(), media_dir, ledger_file)
     server.start()
     time.sleep(1)
     baseline = {"threads": tree_status(server.proc.pid, "Threads"),

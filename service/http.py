@@ -8,6 +8,7 @@ errors, metrics) is the servicer's, reached through `ConnectContext`, its CallCo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -193,8 +194,13 @@ _CSP = (b"default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
         b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+@functools.cache
+def _static_bytes(name: str) -> bytes:
+    return (_STATIC_DIR / name).read_bytes()  # read once: the files change only by a release
+
+
 async def _static(send, name: str, kind: str, head: bool) -> None:
-    data = (_STATIC_DIR / name).read_bytes()
+    data = _static_bytes(name)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", kind.encode()),
                             (b"content-length", str(len(data)).encode()),

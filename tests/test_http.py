@@ -17,19 +17,13 @@ import pytest
 from conftest import make_engine
 from eagle.v1 import chat_pb2
 from google.rpc import error_details_pb2
-from harness import RunningServer
+from harness import RunningServer, free_port
 
 from client import EagleClient
 
 PHOTO = factory.encode(factory.photo(1000, 500), "JPEG")
 HI = {"messages": [{"role": "ROLE_USER", "parts": [{"text": "Hi"}]}],
       "generation": {"maxNewTokens": 8}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

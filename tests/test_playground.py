@@ -5,7 +5,6 @@ script is what `make web` builds from the client's sources now."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import factory
 import pytest
 from conftest import ROOT, make_engine
-from harness import RunningServer
+from harness import RunningServer, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ESBUILD = ROOT / "clients/ts/node_modules/.bin/esbuild"
@@ -44,9 +43,7 @@ def browser():
 
 def test_the_playground_streams_an_answer_about_an_image_and_cancels(tiny, browser,
                                                                      tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(factory.encode(factory.photo(1000, 500), "JPEG"))
     engine = make_engine(tiny)

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ import grpc
 import pytest
 from conftest import ROOT
 from eagle.v1 import chat_pb2, chat_pb2_grpc
+from harness import free_port
 
 from client import EagleClient
 from service import logs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -56,7 +50,7 @@ def serve(tiny_dir, *flags: str, env: dict[str, str] | None = None
           ) -> tuple[subprocess.Popen, str]:
     """`python -m service` on a free port with the tiny model, JSON logs on its stderr;
     `env` adds variables to this process's environment."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--cache-dir",
          str(tiny_dir.parent), "--log-format", "json", *flags],
@@ -179,7 +173,7 @@ def test_metrics_endpoint_and_request_id_in_logs(server) -> None:
     done = [r for r in records if r.get("request_id") == "trace-42" and r["msg"] == "rpc done"]
     assert done and done[0]["method"] == "Chat" and done[0]["code"] == "OK"
     assert done[0]["completion_tokens"] == 3
-    port = _free_port()
+    port = free_port()
     httpd, _ = server.app.metrics.serve("127.0.0.1", port)
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import RunningServer
+from harness import RunningServer, free_port
 
 from client import EagleClient, EagleError
 
@@ -223,15 +223,12 @@ def test_the_http_port_takes_the_grpc_ports_certificate(tiny, pki) -> None:
     CA gets its answer, a plaintext request is not served; mutual TLS without tokens is
     refused at start-up (the HTTP port cannot name tenants by certificate)."""
     import json
-    import socket
     import ssl
     import urllib.request
 
     from service.settings import Settings
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        http = s.getsockname()[1]
+    http = free_port()
     engine = make_engine(tiny)
     with RunningServer(engine, tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
                        http_port=http):

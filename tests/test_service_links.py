@@ -5,7 +5,6 @@ manifests' Services and from a user's Service named `eagle`."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import k8s
 import pytest
 from conftest import ROOT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import free_port
 
 from service import settings as settings_mod
 
@@ -114,17 +114,11 @@ def test_service_links_are_set_aside_and_a_typo_is_still_refused(tmp_path) -> No
         settings_mod.load([], env={"EAGLE_GRPC_PORT": "50051"})  # not a tcp:// URL
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_server_starts_to_serving_with_what_kubelet_gives_it(tmp_path, tiny_dir) -> None:
     """The Deployment's variables (the model, device, port and host made local) plus every
     service link of the manifests' Services and of a Service named `eagle`: SERVING, and
     one INFO line naming the variables it ignored."""
-    port, metrics, http = _free_port(), _free_port(), _free_port()
+    port, metrics, http = free_port(), free_port(), free_port()
     container = {**k8s.pod_env(k8s.container(), tmp_path), "EAGLE_MODEL": "tiny", "EAGLE_DEVICE": "cpu", "EAGLE_HOST": "127.0.0.1",
                  "EAGLE_PORT": str(port), "EAGLE_METRICS_PORT": str(metrics),
                  "EAGLE_HTTP_PORT": str(http),

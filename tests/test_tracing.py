@@ -11,7 +11,7 @@ import grpc
 import pytest
 from eagle.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import RunningServer
+from harness import RunningServer, free_port
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -216,16 +216,13 @@ def test_an_http_request_gets_the_same_span_tree(tiny, traced) -> None:
     traceparent, the engine's stages under it, the request's attributes; health unspanned."""
     import base64
     import json
-    import socket
     import urllib.request
 
     from conftest import make_engine
 
     tracing, exporter = traced
     engine = make_engine(tiny)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     body = {"requestId": "traced-1", "generation": {"maxNewTokens": 3, "ignoreEos": True},
             "messages": [{"role": "ROLE_USER", "parts": [
                 {"image": {"data": base64.b64encode(PHOTO).decode()}},

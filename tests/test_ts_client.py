@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import factory
 import pytest
 from conftest import ROOT, make_engine
-from harness import RunningServer
+from harness import RunningServer, free_port
 
 TS = ROOT / "clients" / "ts"
 pytestmark = pytest.mark.skipif(
@@ -35,9 +34,7 @@ def test_the_generated_typescript_is_current(tmp_path: Path) -> None:
 def test_the_typescript_client_against_a_live_server(tiny, tmp_path: Path) -> None:
     subprocess.run(["npx", "--no-install", "tsc", "-p", "tsconfig.json"], cwd=TS, check=True,
                    timeout=120)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        http = s.getsockname()[1]
+    http = free_port()
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(factory.encode(factory.photo(1000, 500), "JPEG"))
     engine = make_engine(tiny)
