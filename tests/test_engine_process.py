@@ -156,9 +156,9 @@ def _killed_mid_stream(target: str, server_pid: int) -> grpc.RpcError:
 
 def test_a_dead_engine_fails_only_its_calls_is_restarted_and_a_crash_loop_exits_3(
         tiny_dir) -> None:
-    from test_process import _free_port
+    from harness import free_port
 
-    metrics = _free_port()
+    metrics = free_port()
     proc, target = serve(tiny_dir, "--video-workers", "0", "--engine-restarts", "2",
                          "--metrics-port", str(metrics))
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import make_engine
 from grpc_health.v1 import health_pb2
-from harness import RunningServer
-from test_process import _env, _free_port, _wait_serving
+from harness import RunningServer, free_port
+from test_process import _env, _wait_serving
 
 from client import EagleClient, EagleError
 from service import logs
@@ -31,7 +31,7 @@ class Replica:
     the tiny model in process, a ledger of every call it took."""
 
     def __init__(self, tiny_dir: Path, folder: Path, name: str, *flags: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.tiny_dir, self.flags = tiny_dir, flags
         self.ledger = folder / f"{name}.jsonl"
